@@ -1,0 +1,47 @@
+"""Padding-aware batching of encoded examples."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from datamodules.kinds import IGNORE_INDEX, Example
+
+
+class Collator:
+    """Right-pads a list of examples to the longest one (rounded up to ``pad_to_multiple``).
+
+    Batch: ``input_ids``/``labels``/``attention_mask`` [B, T]; ``pixel_values`` [tiles, 3, S, S]
+    (every image's tiles, in row order, matching the placeholder order) or None; ``source``,
+    ``key``, ``task`` lists; ``skipped`` (samples skipped by the reader since its last batch).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple: int = 8) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple = pad_to_multiple
+
+    def __call__(self, examples: List[Example]) -> Dict[str, Any]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        m = self.pad_to_multiple
+        width = -(-longest // m) * m if m > 1 else longest
+        b = len(examples)
+        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[row, :n] = e["input_ids"]
+            labels[row, :n] = e["labels"]
+            attention_mask[row, :n] = 1
+        tiles = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.cat(tiles) if tiles else None,
+            "source": [e.get("source", "") for e in examples],
+            "key": [e.get("key", "") for e in examples],
+            "task": [e.get("task", "") for e in examples],
+            "skipped": torch.tensor(sum(int(e.get("skipped", 0)) for e in examples)),
+        }

@@ -1,0 +1,103 @@
+"""Sample kinds: how one raw WebDataset sample (a dict of member bytes) becomes model inputs.
+
+Only the members a kind expects are decoded, with explicit decoders: WebDataset's default
+``.decode()`` would unpickle ``.pyd``/``.pickle`` members and ``torch.load`` ``.pth`` ones,
+which runs code from a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from PIL import Image
+
+from lit_bluelm.processor import BlueLMProcessor
+from lit_bluelm.tokenizer import IMAGE
+
+IGNORE_INDEX = -100
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+Example = Dict[str, Any]
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used (bad bytes, missing member, too long): skipped and counted."""
+
+
+def _member(raw: Dict[str, Any], *exts: str) -> Optional[bytes]:
+    for ext in exts:
+        if ext in raw:
+            return raw[ext]
+    return None
+
+
+def decode_json(raw: Dict[str, Any]) -> Dict[str, Any]:
+    data = _member(raw, "json")
+    if data is None:
+        return {}
+    value = json.loads(data.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise SampleError("json member is not an object")
+    return value
+
+
+def decode_text(raw: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    data = _member(raw, "txt")
+    if data is not None:
+        return data.decode("utf-8")
+    if isinstance(meta.get("text"), str):
+        return meta["text"]
+    raise SampleError(f"sample has no txt member and no json 'text' field ({sorted(raw)})")
+
+
+def decode_image(raw: Dict[str, Any]) -> Image.Image:
+    data = _member(raw, *IMAGE_EXTS)
+    if data is None:
+        raise SampleError(f"sample has no image member ({sorted(raw)})")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def _example(ids: list, pixel_values: Optional[torch.Tensor], meta: Dict[str, Any], image_id: int) -> Example:
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = input_ids.clone()
+    labels[input_ids == image_id] = IGNORE_INDEX  # never predict image placeholders
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "task": str(meta.get("task", "")),
+    }
+
+
+def encode_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
+    """``txt`` (or ``json`` with a ``text`` field) -> tokens + EOS, cut at ``seq_len``."""
+    meta = decode_json(raw)
+    text = decode_text(raw, meta)
+    if IMAGE in text:
+        raise SampleError(f"text sample contains the reserved marker {IMAGE}")
+    encoded = processor.encode(text, add_eos=True)
+    return _example(encoded.input_ids[:seq_len], None, meta, processor.image_token_id)
+
+
+def encode_image_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
+    """``jpg|png|webp`` + ``txt`` caption (+ ``json`` metadata) -> ``<image>\\n caption``."""
+    meta = decode_json(raw)
+    caption = decode_text(raw, meta)
+    image = decode_image(raw)
+    text = caption if IMAGE in caption else f"{IMAGE}\n{caption}"
+    encoded = processor.encode(text, [image], add_eos=True)
+    ids = encoded.input_ids[:seq_len]
+    n_image = encoded.input_ids.count(processor.image_token_id)
+    if ids.count(processor.image_token_id) != n_image:  # never cut through image placeholders
+        raise SampleError(f"image tokens ({n_image}) do not fit in data.seq_len={seq_len}")
+    return _example(ids, encoded.pixel_values, meta, processor.image_token_id)
+
+
+SAMPLE_KINDS: Dict[str, Callable[[Dict[str, Any], BlueLMProcessor, int], Example]] = {
+    "text": encode_text,
+    "image_text": encode_image_text,
+}

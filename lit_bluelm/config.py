@@ -1,0 +1,282 @@
+"""Config schema and loading.
+
+Merge order: dataclass defaults <- ``configs/stage/<stage>.yaml`` <- ``configs/model/<model>.yaml``
+<- command-line dotlist (``trainer.max_steps=20 model=bluelm_3b data.mix.text=0.4``).
+
+``stage=<name>`` and ``model=<name>`` (no dot) pick the YAML files; every other argument is an
+OmegaConf dotlist entry checked against the schema, so an unknown key or a wrong type is a
+:class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_STAGE = "joint"
+DEFAULT_MODEL = "tiny"
+
+
+class ConfigError(ValueError):
+    """A user or config error: printed as one line, exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    name: str = "tiny_vit"  # VISION_ENCODERS key
+    # siglip2: the open_clip model whose timm trunk is built (image/patch sizes come from it)
+    open_clip_model: str = "ViT-SO400M-14-SigLIP2-378"
+    # tiny_vit: the timm family that is scaled down with the kwargs below
+    timm_model: str = "vit_so400m_patch14_siglip_378"
+    image_size: int = 378  # tile side in pixels
+    patch_size: int = 14
+    embed_dim: int = 1152
+    depth: int = 27
+    num_heads: int = 16
+    mlp_ratio: float = 3.7362
+    pretrained: Optional[str] = None  # local open_clip / timm weights file
+
+
+@dataclass
+class AdapterConfig:
+    name: str = "mlp2x2"  # ADAPTERS key
+    downsample: int = 2  # 2x2 space-to-depth
+    hidden_size: Optional[int] = None  # default: the LLM hidden size
+
+
+@dataclass
+class LLMConfig:
+    name: str = "from_config"  # LLMS key: from_config | from_pretrained
+    path: Optional[str] = None  # local Hugging Face directory (from_pretrained)
+    config: Dict[str, Any] = field(default_factory=dict)  # transformers config kwargs + model_type
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class AnyResConfig:
+    max_grid: int = 4  # tiles per side: grids up to max_grid x max_grid
+    max_tiles: int = 16  # cap on cols * rows
+    thumbnail: bool = True  # add a whole-image thumbnail tile when the grid has > 1 tile
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # the configs/model/<name>.yaml preset
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)
+    # id of the <image> placeholder; resolved from the tokenizer at launch when null
+    image_token_id: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "text"  # SAMPLE_KINDS key: text | image_text
+    train: str = ""  # brace pattern of shards (local path or any webdataset gopen URL)
+    val: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    mix: Dict[str, float] = field(default_factory=dict)  # source name -> sampling weight
+    seq_len: int = 512
+    batch_size: int = 8
+    val_batch_size: Optional[int] = None  # default: batch_size
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    seed: int = 1234
+    # shards under this folder are written by `python -m datamodules.demo` when missing
+    demo_dir: str = "data/demo"
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = "data/demo/tokenizer"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class ComponentLR:
+    """Learning rate per component; 0 freezes it."""
+
+    vision: float = 2e-5
+    adapter: float = 1e-3
+    llm: float = 2e-4
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # OPTIMIZERS key: adamw | adamw8bit
+    lr: ComponentLR = field(default_factory=ComponentLR)
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1  # int or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
+    max_steps: int = 1000
+    val_check_interval: int = 200  # optimizer steps between validations
+    limit_val_batches: int = 20  # per rank; the val stream repeats, so every rank runs this many
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False  # per decoder layer and vision block (any strategy)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = None  # default: trainer.val_check_interval
+    save_top_k: int = 1  # best checkpoints kept by val/loss (plus last.ckpt)
+
+
+@dataclass
+class Config:
+    stage: str = DEFAULT_STAGE
+    module: str = "next_token"  # STAGE_MODULES key
+    run_dir: Optional[str] = None  # default: runs/<stage>
+    seed: int = 1234
+    init_from: Optional[str] = None  # checkpoint to take model weights from (new run)
+    resume_from: Optional[str] = None  # checkpoint of this run to continue (step, optimizer, LR)
+    dry_run: bool = False  # print config + parameter table (meta device) and exit
+    validate_before_fit: bool = True  # report val/loss of the starting weights (not on resume)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def available(kind: str) -> List[str]:
+    """Names of the shipped ``configs/<kind>/*.yaml`` files."""
+    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
+
+
+def _yaml(kind: str, name: str) -> DictConfig:
+    path = CONFIG_ROOT / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} '{name}'; valid: {', '.join(available(kind))}")
+    loaded = OmegaConf.load(path)
+    assert isinstance(loaded, DictConfig), path
+    return loaded
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"bad config key '{key}' ({source}): {first}")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def load_config(argv: Sequence[str] = ()) -> DictConfig:
+    """Build the resolved, validated config from ``key=value`` arguments."""
+    stage, model, dotlist = DEFAULT_STAGE, DEFAULT_MODEL, []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"arguments are key=value, got '{arg}' (try: python train.py --help)")
+        key, value = arg.split("=", 1)
+        if key == "stage":
+            stage = value
+        elif key == "model":
+            model = value
+        else:
+            dotlist.append(arg)
+
+    cfg = OmegaConf.structured(Config)
+    cfg = _merge(cfg, _yaml("stage", stage), f"configs/stage/{stage}.yaml")
+    cfg = _merge(cfg, _yaml("model", model), f"configs/model/{model}.yaml")
+    try:
+        cli = OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "command line") from None
+    cfg = _merge(cfg, cli, "command line")
+    cfg.stage, cfg.model.name = stage, model
+    if cfg.run_dir is None:
+        cfg.run_dir = f"runs/{stage}"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that span keys (the schema already checked names and types)."""
+    if cfg.init_from and cfg.resume_from:
+        raise ConfigError(
+            "init_from and resume_from are mutually exclusive: init_from starts a new run from "
+            "weights, resume_from continues this run"
+        )
+    for key in ("init_from", "resume_from"):
+        if cfg[key] and not Path(cfg[key]).exists():
+            raise ConfigError(f"{key}: no such checkpoint '{cfg[key]}'")
+    for name, weight in cfg.data.mix.items():
+        if name not in cfg.data.sources:
+            raise ConfigError(
+                f"data.mix.{name}: no source named '{name}'; sources: {', '.join(cfg.data.sources)}"
+            )
+        if weight < 0:
+            raise ConfigError(f"data.mix.{name}: weight must be >= 0, got {weight}")
+    if cfg.data.mix and sum(cfg.data.mix.values()) <= 0:
+        raise ConfigError("data.mix: weights are all zero")
+    for key in ("seq_len", "batch_size"):
+        if cfg.data[key] <= 0:
+            raise ConfigError(f"data.{key} must be positive, got {cfg.data[key]}")
+    strategies = ("auto", "ddp", "fsdp")
+    if cfg.trainer.strategy not in strategies:
+        raise ConfigError(
+            f"trainer.strategy: unknown '{cfg.trainer.strategy}'; valid: {', '.join(strategies)}"
+        )
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule: unknown '{cfg.optim.schedule}'; valid: cosine, constant")
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    """Plain dict (for checkpoints: a DictConfig does not load with ``weights_only=True``)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
+
+
+def from_container(data: Dict[str, Any]) -> DictConfig:
+    """Schema-checked config from a plain dict (e.g. a checkpoint's hyper-parameters)."""
+    return _merge(OmegaConf.structured(Config), data, "checkpoint")

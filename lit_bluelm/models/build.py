@@ -1,0 +1,41 @@
+"""Build the composed BlueLM from ``cfg.model`` and count its parameters."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import List, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from lit_bluelm.models.adapter import ADAPTERS
+from lit_bluelm.models.bluelm import BlueLM
+from lit_bluelm.models.llm import LLMS
+from lit_bluelm.models.vision import VISION_ENCODERS
+from lit_bluelm.registry import lookup
+
+
+def build_model(cfg: DictConfig, device: str | torch.device | None = None) -> BlueLM:
+    """Random-init (or local-weights) BlueLM. ``device="meta"`` builds shapes only (dry run).
+
+    ``model.vision.name: none`` builds a text-only model (no vision tower, no adapter).
+    """
+    with torch.device(device) if device is not None else nullcontext():
+        llm = lookup(LLMS, cfg.llm.name, "model.llm.name")(cfg.llm)
+        vision = adapter = None
+        if cfg.vision.name != "none":
+            vision = lookup(VISION_ENCODERS, cfg.vision.name, "model.vision.name")(cfg.vision)
+            build_adapter = lookup(ADAPTERS, cfg.adapter.name, "model.adapter.name")
+            adapter = build_adapter(cfg.adapter, vision.embed_dim, llm.config.hidden_size)
+    image_token_id = cfg.image_token_id if cfg.image_token_id is not None else -1
+    return BlueLM(vision, adapter, llm, image_token_id, downsample=cfg.adapter.downsample)
+
+
+def parameter_table(model: BlueLM) -> List[Tuple[str, int]]:
+    """(component, parameter count) rows for vision, adapter, llm and total (shared weights once)."""
+    rows = []
+    for name in ("vision", "adapter", "llm"):
+        module = getattr(model, name)
+        rows.append((name, sum(p.numel() for p in module.parameters()) if module is not None else 0))
+    rows.append(("total", sum(p.numel() for p in model.parameters())))
+    return rows

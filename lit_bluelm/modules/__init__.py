@@ -1,0 +1,12 @@
+"""Stage LightningModules: one base owning ``self.model``, thin subclasses per objective."""
+
+from typing import Dict, Type
+
+from lit_bluelm.modules.base import BlueLMModule
+from lit_bluelm.modules.next_token import NextTokenModule
+
+STAGE_MODULES: Dict[str, Type[BlueLMModule]] = {
+    "next_token": NextTokenModule,
+}
+
+__all__ = ["STAGE_MODULES", "BlueLMModule", "NextTokenModule"]

@@ -1,0 +1,118 @@
+"""The base LightningModule every stage uses: it owns ``self.model`` (a :class:`BlueLM`), builds it
+in ``configure_model`` (so FSDP can shard it), sets up the optimizer and LR schedule, and keeps
+the bookkeeping every stage shares (validation loss and perplexity, skipped-sample counts)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import MeanMetric
+
+from lit_bluelm.config import from_container
+from lit_bluelm.models import BlueLM, build_model
+from lit_bluelm.modules.optim import OPTIMIZERS, freeze_components, param_groups, warmup_cosine
+from lit_bluelm.modules.weights import load_model_weights
+from lit_bluelm.objectives import next_token_loss
+from lit_bluelm.parallel import apply_fsdp
+from lit_bluelm.registry import lookup
+
+Batch = Dict[str, Any]
+
+
+class BlueLMModule(L.LightningModule):
+    """Subclasses implement ``training_step`` and ``validation_step`` for their objective."""
+
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        super().__init__()
+        # plain containers only: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = from_container(cfg)
+        self.model: Optional[BlueLM] = None
+        self.val_loss = MeanMetric()  # token-weighted, synced across ranks on compute
+        self._skipped = 0  # samples this rank's loader skipped (rank 0 also holds resumed totals)
+
+    # ------------------------------------------------------------------ model
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # idempotent: Lightning may call it again (validate, then fit)
+            return
+        cfg = self.cfg
+        model = build_model(cfg.model)
+        if cfg.init_from:
+            keys = load_model_weights(model, cfg.init_from)
+            rank_zero_info(
+                f"init_from {cfg.init_from}: loaded weights; {len(keys['missing'])} tensors kept "
+                f"their init, {len(keys['unexpected'])} checkpoint tensors unused"
+            )
+        frozen = freeze_components(model, cfg.optim.lr)
+        if frozen:
+            rank_zero_info(f"frozen (lr=0): {', '.join(frozen)}")
+        if cfg.fsdp.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        if cfg.trainer.strategy == "fsdp":
+            param_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16-mixed" else None
+            apply_fsdp(model, self.device_mesh["data_parallel"], param_dtype, cfg.fsdp.reshard_after_forward)
+        self.model = model
+
+    def lm_loss(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token CE of a batch and the number of predicted tokens."""
+        assert self.model is not None
+        # Right padding + causal attention: pads never influence real tokens and their labels
+        # are ignored, so no attention mask is needed (SDPA takes its fast causal path).
+        logits = self.model(
+            batch["input_ids"], position_ids=batch.get("position_ids"), pixel_values=batch.get("pixel_values")
+        )
+        return next_token_loss(logits, batch["labels"])
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        assert self.model is not None
+        optim = self.cfg.optim
+        groups = param_groups(self.model, optim.lr, optim.weight_decay)
+        make = lookup(OPTIMIZERS, optim.name, "optim.name")
+        optimizer = make(groups, betas=tuple(optim.betas), eps=optim.eps)
+        factor = warmup_cosine(
+            optim.warmup_steps, self.cfg.trainer.max_steps, optim.min_lr_ratio, optim.schedule == "cosine"
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        # read the loader's skip count while it is still a CPU tensor (no device sync)
+        skipped = batch.pop("skipped", None)
+        if skipped is not None and self.trainer.training:
+            self._skipped += int(skipped)
+        return batch
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("data/skipped", self._skipped_total(), on_step=True, on_epoch=False)
+
+    def _skipped_total(self) -> torch.Tensor:
+        local = torch.tensor(float(self._skipped), device=self.device)
+        return self.trainer.strategy.reduce(local, reduce_op="sum")
+
+    def record_val_loss(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.val_loss.update(loss.detach(), weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        value = self.val_loss.compute()
+        self.val_loss.reset()
+        # compute() already reduced across ranks; sync_dist only averages identical values
+        self.log("val/loss", value, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(value.clamp(max=50.0)), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # every rank calls this; the summed count is stored once (rank 0 restores it)
+        checkpoint["data_skipped"] = int(self._skipped_total().item())
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._skipped = int(checkpoint.get("data_skipped", 0)) if self.global_rank == 0 else 0

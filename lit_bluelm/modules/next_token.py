@@ -1,0 +1,18 @@
+"""Next-token pre-training (stages 2-4: joint, reasoning, long context): CE on every label."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_bluelm.modules.base import Batch, BlueLMModule
+
+
+class NextTokenModule(BlueLMModule):
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss, tokens = self.lm_loss(batch)
+        self.record_val_loss(loss, tokens)
