@@ -19,10 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_bluelm.config import ConfigError, available, load_config, to_container
 
-USAGE = __doc__.strip() + f"""
+USAGE = (
+    __doc__.strip()
+    + f"""
 
-stages: {', '.join(available('stage'))}
-models: {', '.join(available('model'))}"""
+stages: {", ".join(available("stage"))}
+models: {", ".join(available("model"))}"""
+)
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -50,7 +53,9 @@ def attach_tokenizer(cfg: DictConfig, tokenizer) -> None:
         )
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     if cfg.model.image_token_id is not None and cfg.model.image_token_id != image_id:
-        raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's {IMAGE} is {image_id}")
+        raise ConfigError(
+            f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's {IMAGE} is {image_id}"
+        )
     cfg.model.image_token_id = image_id
 
 
@@ -65,9 +70,11 @@ def _quiet_known_warnings() -> None:
 
 def build_trainer(cfg: DictConfig):
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from callbacks import LastCheckpoint
 
     t = cfg.trainer
     strategy, precision = t.strategy, t.precision
@@ -81,18 +88,20 @@ def build_trainer(cfg: DictConfig):
     callbacks = [
         # best by validation loss, saved after each validation
         ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-step={step}", auto_insert_metric_name=False,
-            monitor="val/loss", mode="min", save_top_k=cfg.checkpoint.save_top_k,
+            dirpath=ckpt_dir,
+            filename="best-step={step}",
+            auto_insert_metric_name=False,
+            monitor="val/loss",
+            mode="min",
+            save_top_k=cfg.checkpoint.save_top_k,
             enable_version_counter=False,
         ),
-        # last.ckpt every few steps, so a crash loses little
-        ModelCheckpoint(
-            dirpath=ckpt_dir, save_last=True, save_top_k=0,
-            every_n_train_steps=cfg.checkpoint.every_n_steps or t.val_check_interval,
-            enable_version_counter=False,  # a resumed run keeps writing last.ckpt
-        ),
+        # last.ckpt every few steps and at the end, so a crash loses little
+        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps or t.val_check_interval),
         LearningRateMonitor(logging_interval="step"),
     ]
+    if t.enable_progress_bar:  # tqdm: the rich bar costs several ms per step on small models
+        callbacks.append(TQDMProgressBar(refresh_rate=t.progress_refresh_rate))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -147,7 +156,6 @@ def run(cfg: DictConfig) -> dict:
         before = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)  # the final state, whatever the save interval
     after = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
     summary = {
         "val_loss_before": before,

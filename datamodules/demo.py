@@ -172,8 +172,12 @@ def _image_text_samples(rng: random.Random, prefix: str, n: int, texts: List[str
     for i in range(n):
         image, caption, meta = shapes_sample(rng)
         texts.append(caption)
-        yield {"__key__": f"{prefix}-{i:05d}", "png": _png(image), "txt": caption.encode(),
-               "json": json.dumps(meta).encode()}
+        yield {
+            "__key__": f"{prefix}-{i:05d}",
+            "png": _png(image),
+            "txt": caption.encode(),
+            "json": json.dumps(meta).encode(),
+        }
 
 
 def _text_samples(rng: random.Random, prefix: str, n: int, table, texts: List[str]) -> Iterator[Dict]:
@@ -197,17 +201,23 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
     start = time.time()
     table = kingdoms(spec.seed)
     train_texts: List[str] = []
-    for split, shards, per_shard in (("train", spec.train_shards, spec.train_per_shard),
-                                     ("val", spec.val_shards, spec.val_per_shard)):
+    for split, shards, per_shard in (
+        ("train", spec.train_shards, spec.train_per_shard),
+        ("val", spec.val_shards, spec.val_per_shard),
+    ):
         (tmp / split).mkdir(parents=True)
         texts = train_texts if split == "train" else []
         for s in range(shards):
             rng = random.Random(f"{spec.seed}/{split}/image_text/{s}")
-            _write_shard(tmp / split / f"image_text-{s:06d}.tar",
-                         _image_text_samples(rng, f"{split}-it{s}", per_shard, texts))
+            _write_shard(
+                tmp / split / f"image_text-{s:06d}.tar",
+                _image_text_samples(rng, f"{split}-it{s}", per_shard, texts),
+            )
             rng = random.Random(f"{spec.seed}/{split}/text/{s}")
-            _write_shard(tmp / split / f"text-{s:06d}.tar",
-                         _text_samples(rng, f"{split}-tx{s}", per_shard, table, texts))
+            _write_shard(
+                tmp / split / f"text-{s:06d}.tar",
+                _text_samples(rng, f"{split}-tx{s}", per_shard, table, texts),
+            )
     train_tokenizer(train_texts, spec.vocab_size, tmp / "tokenizer")
     (tmp / MARKER).write_text(json.dumps(spec.__dict__))
     if force:
@@ -219,8 +229,11 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / MARKER).exists():
             raise
-    print(f"demo data: wrote {2 * (spec.train_shards + spec.val_shards)} shards and a tokenizer "
-          f"to {out} in {time.time() - start:.1f}s", flush=True)
+    print(
+        f"demo data: wrote {2 * (spec.train_shards + spec.val_shards)} shards and a tokenizer "
+        f"to {out} in {time.time() - start:.1f}s",
+        flush=True,
+    )
     return out
 
 
@@ -238,7 +251,9 @@ def ensure_demo_data(cfg) -> None:
 
 
 def main(argv: List[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
     parser.add_argument("--force", action="store_true", help="rewrite even if it exists")
     args = parser.parse_args(argv)

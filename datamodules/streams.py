@@ -177,8 +177,16 @@ class MixedStream(IterableDataset):
         reader, readers = self.rank * workers + worker, self.world_size * workers
         skips = SkipCounter()
         streams = [
-            s.iterate(self.processor, self.seq_len, reader, readers, skips, self.seed,
-                      self.shuffle_buffer, self.train)
+            s.iterate(
+                self.processor,
+                self.seq_len,
+                reader,
+                readers,
+                skips,
+                self.seed,
+                self.shuffle_buffer,
+                self.train,
+            )
             for s in self.sources
         ]
         weights = [s.weight for s in self.sources]

@@ -145,6 +145,7 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
+    progress_refresh_rate: int = 1  # steps between progress-bar redraws
 
 
 @dataclass

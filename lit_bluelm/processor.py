@@ -45,7 +45,7 @@ class BlueLMProcessor:
         self.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_config(cls, tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> "BlueLMProcessor":
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> BlueLMProcessor:
         return cls(
             tokenizer,
             image_size=model_cfg.vision.image_size,

@@ -37,7 +37,10 @@ def test_merge_order_cli_wins():
         (["data.sources.text.kindd=text"], ["data.sources.text.kindd"]),
         (["stage=nope"], ["stage", "nope", "joint"]),
         (["model=nope"], ["model", "nope", "tiny", "bluelm_3b"]),
-        (["model.vision.name=resnet", "dry_run=true"], ["model.vision.name", "resnet", "siglip2", "tiny_vit"]),
+        (
+            ["model.vision.name=resnet", "dry_run=true"],
+            ["model.vision.name", "resnet", "siglip2", "tiny_vit"],
+        ),
         (["data.mix.video=0.5"], ["data.mix.video", "video"]),
         (["data.mix.text=-1"], ["data.mix.text"]),
         (["trainer.strategy=deepspeed"], ["trainer.strategy", "fsdp"]),

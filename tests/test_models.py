@@ -4,7 +4,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lit_bluelm.config import ConfigError, load_config
-from lit_bluelm.models import ADAPTERS, LLMS, VISION_ENCODERS, BlueLM, MLPAdapter, build_model, tokens_per_tile
+from lit_bluelm.models import (
+    ADAPTERS,
+    LLMS,
+    VISION_ENCODERS,
+    BlueLM,
+    MLPAdapter,
+    build_model,
+    tokens_per_tile,
+)
 from lit_bluelm.models.anyres import candidate_grids, image_to_tiles, select_best_grid
 from lit_bluelm.models.vision import build_tiny_vit, load_vision_weights
 

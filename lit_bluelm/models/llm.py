@@ -17,7 +17,11 @@ def llm_config(cfg: LLMConfig) -> PretrainedConfig:
     if cfg.name == "from_pretrained":
         path = _local_dir(cfg)
         return AutoConfig.from_pretrained(path, local_files_only=True)
-    kwargs = OmegaConf.to_container(cfg.config, resolve=True) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
+    kwargs = (
+        OmegaConf.to_container(cfg.config, resolve=True)
+        if OmegaConf.is_config(cfg.config)
+        else dict(cfg.config)
+    )
     model_type = kwargs.pop("model_type", None)
     if not model_type:
         raise ConfigError("model.llm.config.model_type is required (e.g. qwen2, llama)")
@@ -60,11 +64,11 @@ def build_from_pretrained(cfg: LLMConfig) -> PreTrainedModel:
     if torch.get_default_device().type == "meta":  # dry run: shapes only
         return _from_config(llm_config(cfg), cfg.attn_implementation)
     return AutoModelForCausalLM.from_pretrained(
-        _local_dir(cfg), local_files_only=True, attn_implementation=cfg.attn_implementation,
+        _local_dir(cfg),
+        local_files_only=True,
+        attn_implementation=cfg.attn_implementation,
         dtype=torch.float32,
     )
-
-
 
 
 LLMS: Dict[str, Callable[[LLMConfig], PreTrainedModel]] = {

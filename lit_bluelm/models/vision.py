@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import open_clip
-from open_clip.factory import load_state_dict
 import timm
 import torch
+from open_clip.factory import load_state_dict
 from torch import nn
 
 from lit_bluelm.config import ConfigError, VisionConfig

@@ -53,7 +53,9 @@ OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True) -> Callable[[int], float]:
+def warmup_cosine(
+    warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True
+) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine down to ``min_ratio``
     at ``total_steps`` (or flat at 1 when ``cosine`` is false)."""
 

@@ -1,0 +1,155 @@
+import io
+import json
+from collections import Counter
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from datamodules.collate import Collator
+from datamodules.kinds import IGNORE_INDEX, encode_image_text, encode_text
+from datamodules.streams import MixedStream, Source, expand_shards, reader_shards
+from lit_bluelm.config import ConfigError
+from lit_bluelm.processor import BlueLMProcessor
+from lit_bluelm.tokenizer import IMAGE, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def processor(demo_dir):
+    return BlueLMProcessor(
+        load_tokenizer(demo_dir / "tokenizer"),
+        image_size=112,
+        patch_size=14,
+        downsample=2,
+        max_grid=2,
+        max_tiles=4,
+    )
+
+
+def _png(size=(224, 112)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (0, 128, 255)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_processor_expands_each_marker_to_its_tiles(processor):
+    enc = processor.encode(
+        f"a {IMAGE} b {IMAGE}", [Image.new("RGB", (224, 112)), Image.new("RGB", (112, 112))]
+    )
+    n = enc.input_ids.count(processor.image_token_id)
+    assert enc.pixel_values.shape == (3 + 1, 3, 112, 112)  # 2x1 grid + thumbnail, then 1x1
+    assert n == 4 * processor.tokens_per_tile == 64
+    with pytest.raises(ValueError, match="markers"):
+        processor.encode(f"{IMAGE}", [])
+
+
+def test_tokenizer_has_every_special_token(demo_dir):
+    tok = load_tokenizer(demo_dir / "tokenizer")
+    for special in ("<image>", "[|BlueThink|]", "<think>", "</think>", "<|im_start|>", "<|im_end|>"):
+        ids = tok(special, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, special  # never split
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_encoders_mask_image_placeholders_and_cut_text(processor):
+    ex = encode_image_text({"png": _png(), "txt": b"three shapes"}, processor, seq_len=200)
+    img = ex["input_ids"] == processor.image_token_id
+    assert img.sum() == 48 and (ex["labels"][img] == IGNORE_INDEX).all()
+    assert (ex["labels"][~img] == ex["input_ids"][~img]).all()
+    assert ex["input_ids"][-1] == processor.eos_token_id
+    text = encode_text({"json": json.dumps({"text": "word " * 300, "task": "t"}).encode()}, processor, 32)
+    assert len(text["input_ids"]) == 32 and text["task"] == "t"
+    with pytest.raises(ValueError, match="do not fit"):
+        encode_image_text({"png": _png(), "txt": b"x"}, processor, seq_len=20)
+
+
+def test_collator_pads_right_and_concatenates_tiles():
+    a = {
+        "input_ids": torch.tensor([1, 2, 3]),
+        "labels": torch.tensor([-100, 2, 3]),
+        "pixel_values": torch.zeros(2, 3, 4, 4),
+        "source": "image_text",
+        "key": "a",
+        "skipped": 1,
+    }
+    b = {
+        "input_ids": torch.tensor([4]),
+        "labels": torch.tensor([4]),
+        "pixel_values": None,
+        "source": "text",
+        "key": "b",
+        "skipped": 2,
+    }
+    batch = Collator(pad_token_id=0, pad_to_multiple=4)([a, b])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100], [4, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+    assert batch["source"] == ["image_text", "text"] and batch["skipped"].item() == 3
+
+
+def _write(path, samples):
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, processor):
+    good = [{"__key__": f"g{i}", "png": _png(), "txt": b"fine"} for i in range(5)]
+    bad = [
+        {"__key__": "b0", "png": b"not a png", "txt": b"broken image"},
+        {"__key__": "b1", "png": _png()},  # no caption
+        {"__key__": "b2", "png": _png(), "txt": b"\xff\xfe bad utf8"},
+    ]
+    _write(tmp_path / "s-0.tar", good[:2] + bad + good[2:])
+    (tmp_path / "s-1.tar").write_bytes(b"this is not a tar file at all" * 10)
+    src = Source("it", "image_text", expand_shards(f"{tmp_path}/s-{{0..1}}.tar", "k"), 1.0)
+    stream = iter(MixedStream([src], processor, seq_len=128, seed=0, train=False))
+    examples = [next(stream) for _ in range(5)]
+    assert [e["key"] for e in examples] == ["g0", "g1", "g2", "g3", "g4"]
+    # 3 bad samples before g2, then the unreadable shard is counted on the next pass
+    assert [e["skipped"] for e in examples] == [0, 0, 3, 0, 0]
+    later = [next(stream) for _ in range(5)]
+    assert sum(e["skipped"] for e in later) >= 1
+    assert all(e["key"].startswith("g") for e in later)
+
+
+def test_a_source_with_only_bad_samples_stops_with_its_name(tmp_path, processor):
+    _write(tmp_path / "bad-0.tar", [{"__key__": "x", "png": b"junk", "txt": b"t"}])
+    src = Source("junk_source", "image_text", [str(tmp_path / "bad-0.tar")], 1.0)
+    with pytest.raises(RuntimeError, match="junk_source"):
+        next(iter(MixedStream([src], processor, seq_len=128, seed=0, train=False)))
+
+
+def test_missing_shards_and_too_few_shards_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.sources.x.train"):
+        expand_shards(f"{tmp_path}/none-{{0..3}}.tar", "data.sources.x.train")
+    assert reader_shards(list("abcd"), 1, 2, True, "k") == ["b", "d"]
+    with pytest.raises(ConfigError, match="num_workers"):
+        reader_shards(["a"], 0, 2, True, "k")
+    assert reader_shards(["a", "b"], 1, 4, False, "k") == ["b", "a"]  # val: every reader reads all
+
+
+def test_mixture_ratio_and_reader_split(demo_dir, processor):
+    def sources():
+        return [
+            Source(
+                "image_text",
+                "image_text",
+                expand_shards(f"{demo_dir}/train/image_text-{{000000..000003}}.tar", "a"),
+                0.6,
+            ),
+            Source("text", "text", expand_shards(f"{demo_dir}/train/text-{{000000..000003}}.tar", "b"), 0.4),
+        ]
+
+    stream = iter(MixedStream(sources(), processor, seq_len=128, seed=3, shuffle_buffer=16))
+    counts = Counter(next(stream)["source"] for _ in range(500))
+    assert abs(counts["image_text"] / 500 - 0.6) < 0.06
+    # two ranks read disjoint shards
+    keys = []
+    for rank in (0, 1):
+        s = iter(MixedStream(sources(), processor, seq_len=128, seed=3, rank=rank, world_size=2))
+        keys.append({next(s)["key"].split("-")[1] for _ in range(40)})
+    assert keys[0].isdisjoint(keys[1])

@@ -1,0 +1,110 @@
+"""End-to-end runs of the tiny joint stage through train.py (in-process, CPU)."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from lit_bluelm.config import load_config, to_container
+from lit_bluelm.modules import NextTokenModule
+from lit_bluelm.modules.weights import load_model_weights, read_model_state
+from tests.conftest import tiny_args
+
+
+def _scalars(run_dir):
+    tags = {}
+    for events in (run_dir / "tensorboard").glob("events.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return tags
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_dir, tmp_path_factory):
+    """A 3-step run validated at step 2 (last.ckpt at 2 and 3); shared by the checks below."""
+    run_dir = tmp_path_factory.mktemp("fit") / "run"
+    cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=3", "trainer.val_check_interval=2"))
+    return run_dir, train.run(cfg)
+
+
+def test_fit_trains_logs_and_reports(fitted, capsys):
+    run_dir, summary = fitted
+    assert summary["global_step"] == 3
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert (run_dir / "config.yaml").is_file()
+    scalars = _scalars(run_dir)
+    for tag in ("train/loss", "val/loss", "val/ppl", "data/skipped"):
+        assert tag in scalars, sorted(scalars)
+    assert any(t.startswith("lr-") for t in scalars)
+    assert sorted({step for step, _ in scalars["train/loss"]}) == [0, 1, 2]
+
+
+def test_checkpoints_load_weights_only_with_every_component(fitted):
+    run_dir, summary = fitted
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 3
+    prefixes = {k.split(".")[1] for k in ckpt["state_dict"]}
+    assert prefixes == {"vision", "adapter", "llm"}
+    assert isinstance(ckpt["hyper_parameters"]["cfg"], dict)
+    assert summary["best_ckpt"] and (run_dir / "checkpoints").glob("best-*")
+    assert "data_skipped" in ckpt
+
+
+def test_resume_continues_step_optimizer_and_schedule(fitted, tmp_path, demo_dir):
+    run_dir, _ = fitted
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True, map_location="cpu")
+    cfg = load_config(
+        tiny_args(
+            demo_dir, run_dir, "trainer.max_steps=5", "trainer.val_check_interval=2", f"resume_from={last}"
+        )
+    )
+    summary = train.run(cfg)
+    assert summary["global_step"] == 5 and summary["val_loss_before"] is None
+    after = torch.load(last, weights_only=True, map_location="cpu")
+    assert after["global_step"] == 5
+    assert after["lr_schedulers"][0]["last_epoch"] == 5  # the schedule went on, not restarted
+    state_before = before["optimizer_states"][0]["state"][0]["step"]
+    assert after["optimizer_states"][0]["state"][0]["step"] == state_before + 2
+    # the resumed steps were logged after the first ones
+    steps = sorted({s for s, _ in _scalars(run_dir)["train/loss"]})
+    assert steps[-2:] == [3, 4]
+
+
+def test_init_from_takes_weights_only(fitted, tmp_path, demo_dir):
+    run_dir, _ = fitted
+    source = run_dir / "checkpoints" / "last.ckpt"
+    cfg = load_config(tiny_args(demo_dir, tmp_path / "next", "trainer.max_steps=1", f"init_from={source}"))
+    cfg.model.image_token_id = 2
+    module = NextTokenModule(to_container(cfg))
+    module.configure_model()
+    weights = read_model_state(source)
+    for name, tensor in module.model.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name])
+    summary = train.run(cfg)
+    assert summary["global_step"] == 1  # a new run: step, optimizer and schedule start fresh
+
+
+def test_init_from_refuses_a_different_shape(fitted, tmp_path):
+    run_dir, _ = fitted
+    cfg = load_config(["model.llm.config.hidden_size=64"])
+    cfg.model.image_token_id = 2
+    from lit_bluelm.config import ConfigError
+    from lit_bluelm.models import build_model
+
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_model_weights(build_model(cfg.model), run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_zero_learning_rate_freezes_a_component(demo_dir, tmp_path):
+    cfg = load_config(tiny_args(demo_dir, tmp_path, "optim.lr.vision=0"))
+    cfg.model.image_token_id = 2
+    module = NextTokenModule(to_container(cfg))
+    module.configure_model()
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert {g["name"] for g in groups} == {"adapter", "adapter_no_decay", "llm", "llm_no_decay"}
+    assert not any(p.requires_grad for p in module.model.vision.parameters())
+    decayed = next(g for g in groups if g["name"] == "llm")
+    assert all(p.ndim >= 2 for p in decayed["params"]) and decayed["weight_decay"] > 0
