@@ -70,7 +70,11 @@ def _quiet_known_warnings() -> None:
 
 def build_trainer(cfg: DictConfig):
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import (
+        LearningRateMonitor,
+        ModelCheckpoint,
+        TQDMProgressBar,
+    )
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -96,7 +100,7 @@ def build_trainer(cfg: DictConfig):
             save_top_k=cfg.checkpoint.save_top_k,
             enable_version_counter=False,
         ),
-        # last.ckpt every few steps and at the end, so a crash loses little
+        # last.ckpt every few steps and at the end; on_exception.ckpt when fit is interrupted
         LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps or t.val_check_interval),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -161,8 +165,8 @@ def run(cfg: DictConfig) -> dict:
         "val_loss_before": before,
         "val_loss_after": after,
         "global_step": trainer.global_step,
-        "last_ckpt": str(last),
-        "best_ckpt": trainer.checkpoint_callbacks[0].best_model_path or None,
+        "last_ckpt": str(last.resolve()),
+        "best_ckpt": trainer.checkpoint_callback.best_model_path or None,
         "train_seconds": f"{time.time() - start:.1f}",
     }
     if trainer.is_global_zero:

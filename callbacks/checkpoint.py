@@ -1,4 +1,5 @@
-"""Crash-safe ``last.ckpt``: written every N optimizer steps and at the final step."""
+"""Crash-safe ``last.ckpt``: written every N optimizer steps and at the final step, plus
+``on_exception.ckpt`` when training is interrupted."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class LastCheckpoint(Callback):
     continues its step counters exactly. The checkpoint is written under a temporary name and
     then swapped in, so a crash while saving never leaves a broken ``last.ckpt`` behind; this
     also holds for sharded (folder) checkpoints.
+
+    When fit is interrupted (Ctrl-C, or any exception in a single-process run) the state of the
+    last finished step goes to ``on_exception.ckpt`` beside it, to resume from explicitly with
+    ``resume_from``; ``last.ckpt`` is left as it was. (In a multi-process run an exception on one
+    rank would leave the others waiting in the save, so only an interrupt is saved there.)
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, filename: str = "last.ckpt") -> None:
@@ -37,22 +43,30 @@ class LastCheckpoint(Callback):
         if step % self.every_n_steps == 0 or step >= trainer.max_steps:
             self.save(trainer)
 
-    def save(self, trainer: L.Trainer) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        old = self.path.with_name(self.path.name + ".old")
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.world_size == 1 or isinstance(exception, KeyboardInterrupt):
+            self.save(trainer, self.path.with_name("on_exception.ckpt"))
+
+    def save(self, trainer: L.Trainer, path: Path | None = None) -> None:
+        path = path or self.path
+        tmp = path.with_name(path.name + ".tmp")
+        old = path.with_name(path.name + ".old")
         if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             _remove(tmp)
         trainer.strategy.barrier("last_checkpoint_prepare")
         trainer.save_checkpoint(tmp, weights_only=False)  # every rank; ends with a barrier
         if trainer.is_global_zero:
             _remove(old)
-            if self.path.exists():
-                os.replace(self.path, old)
-            os.replace(tmp, self.path)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
             _remove(old)
         trainer.strategy.barrier("last_checkpoint_swap")
-        self._saved_step = trainer.global_step
+        if path == self.path:
+            self._saved_step = trainer.global_step
 
 
 def _remove(path: Path) -> None:

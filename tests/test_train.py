@@ -108,3 +108,28 @@ def test_zero_learning_rate_freezes_a_component(demo_dir, tmp_path):
     assert not any(p.requires_grad for p in module.model.vision.parameters())
     decayed = next(g for g in groups if g["name"] == "llm")
     assert all(p.ndim >= 2 for p in decayed["params"]) and decayed["weight_decay"] > 0
+
+
+class _Crash(NextTokenModule):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise RuntimeError("simulated crash")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_crash_leaves_a_checkpoint_to_resume_from(demo_dir, tmp_path):
+    from datamodules.datamodule import BlueLMDataModule
+
+    run_dir = tmp_path / "crash"
+    cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=10"))
+    datamodule = BlueLMDataModule(cfg)
+    train.attach_tokenizer(cfg, datamodule.tokenizer)
+    trainer = train.build_trainer(cfg)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(_Crash(to_container(cfg)), datamodule=datamodule)
+    saved = run_dir / "checkpoints" / "on_exception.ckpt"
+    assert torch.load(saved, weights_only=True, map_location="cpu")["global_step"] == 2
+    summary = train.run(
+        load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", f"resume_from={saved}"))
+    )
+    assert summary["global_step"] == 4
