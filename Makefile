@@ -18,7 +18,7 @@ venv: $(STAMP)
 # The pipeline on the tiny model: demo data (written once), then each stage from the last.
 demo: $(STAMP)
 	$(BIN)/python -m datamodules.demo
-	$(BIN)/python train.py stage=joint run_dir=$(DEMO_RUNS)/joint trainer.enable_progress_bar=false
+	$(BIN)/python train.py stage=joint run_dir=$(DEMO_RUNS)/joint
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

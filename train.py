@@ -128,6 +128,21 @@ def build_trainer(cfg: DictConfig):
     )
 
 
+def check_names(cfg: DictConfig) -> None:
+    """Look up every registry name now, so a typo stops the run before data or model work."""
+    from lit_bluelm.models import ADAPTERS, LLMS, VISION_ENCODERS
+    from lit_bluelm.modules import STAGE_MODULES
+    from lit_bluelm.modules.optim import OPTIMIZERS
+    from lit_bluelm.registry import lookup
+
+    lookup(STAGE_MODULES, cfg.module, "module")
+    lookup(OPTIMIZERS, cfg.optim.name, "optim.name")
+    lookup(LLMS, cfg.model.llm.name, "model.llm.name")
+    if cfg.model.vision.name != "none":
+        lookup(VISION_ENCODERS, cfg.model.vision.name, "model.vision.name")
+        lookup(ADAPTERS, cfg.model.adapter.name, "model.adapter.name")
+
+
 def _val_loss(results: List[dict]) -> Optional[float]:
     return float(results[0]["val/loss"]) if results and "val/loss" in results[0] else None
 
@@ -139,11 +154,11 @@ def run(cfg: DictConfig) -> dict:
     from datamodules.datamodule import BlueLMDataModule
     from datamodules.demo import ensure_demo_data
     from lit_bluelm.modules import STAGE_MODULES
-    from lit_bluelm.registry import lookup
 
     _quiet_known_warnings()
+    check_names(cfg)
     L.seed_everything(cfg.seed, verbose=False)
-    module_cls = lookup(STAGE_MODULES, cfg.module, "module")
+    module_cls = STAGE_MODULES[cfg.module]
     ensure_demo_data(cfg)
     datamodule = BlueLMDataModule(cfg)
     attach_tokenizer(cfg, datamodule.tokenizer)

@@ -45,6 +45,9 @@ def test_merge_order_cli_wins():
         (["data.mix.text=-1"], ["data.mix.text"]),
         (["trainer.strategy=deepspeed"], ["trainer.strategy", "fsdp"]),
         (["max_steps"], ["key=value"]),
+        (["optim.name=sgd"], ["optim.name", "sgd", "adamw8bit"]),
+        (["module=nope"], ["module", "next_token"]),
+        (["model.llm.name=gguf"], ["model.llm.name", "from_pretrained"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, words, capsys):

@@ -34,3 +34,19 @@ def test_warmup_cosine_schedule_values():
     assert abs(f(110) - 0.1) < 1e-9 and abs(f(500) - 0.1) < 1e-9
     flat = warmup_cosine(10, 110, 0.1, cosine=False)
     assert flat(100) == 1.0
+
+
+def test_adamw8bit_steps_on_param_groups():
+    from torch import nn
+
+    from lit_bluelm.modules.optim import OPTIMIZERS
+
+    layer = nn.Linear(64, 64)
+    groups = [{"name": "llm", "params": [layer.weight], "lr": 1e-2, "weight_decay": 0.1},
+              {"name": "llm_no_decay", "params": [layer.bias], "lr": 1e-2, "weight_decay": 0.0}]
+    optimizer = OPTIMIZERS["adamw8bit"](groups, betas=(0.9, 0.95), eps=1e-8)
+    before = layer.weight.detach().clone()
+    layer(torch.randn(4, 64)).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.equal(before, layer.weight)
+    assert [g["name"] for g in optimizer.param_groups] == ["llm", "llm_no_decay"]
