@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lit_bluelm.config import ConfigError, available, load_config, to_container
@@ -76,16 +75,14 @@ def build_trainer(cfg: DictConfig):
         TQDMProgressBar,
     )
     from lightning.pytorch.loggers import TensorBoardLogger
-    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from callbacks import LastCheckpoint
+    from lit_bluelm.parallel import FSDP2Strategy
 
     t = cfg.trainer
     strategy, precision = t.strategy, t.precision
     if strategy == "fsdp":
-        devices = t.devices if isinstance(t.devices, int) else max(torch.cuda.device_count(), 1)
-        # data-parallel over every process, no tensor parallelism
-        strategy = ModelParallelStrategy(data_parallel_size=devices * t.num_nodes, tensor_parallel_size=1)
+        strategy = FSDP2Strategy()
         if precision == "bf16-mixed":  # done by FSDP2's MixedPrecisionPolicy (see BlueLMModule)
             precision = "32-true"
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
@@ -113,7 +110,8 @@ def build_trainer(cfg: DictConfig):
         strategy=strategy,
         precision=precision,
         max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval,
+        # Lightning counts batches here; the config counts optimizer steps
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,  # validation by optimizer steps on endless streams
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,

@@ -21,10 +21,10 @@ class LastCheckpoint(Callback):
     then swapped in, so a crash while saving never leaves a broken ``last.ckpt`` behind; this
     also holds for sharded (folder) checkpoints.
 
-    When fit is interrupted (Ctrl-C, or any exception in a single-process run) the state of the
-    last finished step goes to ``on_exception.ckpt`` beside it, to resume from explicitly with
-    ``resume_from``; ``last.ckpt`` is left as it was. (In a multi-process run an exception on one
-    rank would leave the others waiting in the save, so only an interrupt is saved there.)
+    When a single-process run fails or is interrupted (Ctrl-C) inside the training loop, the
+    state of the last finished step goes to ``on_exception.ckpt`` beside it, to resume from
+    explicitly with ``resume_from``; ``last.ckpt`` is left as it was. Multi-process runs rely on
+    ``last.ckpt`` alone: ranks fail at different points, and a collective save could hang.
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, filename: str = "last.ckpt") -> None:
@@ -32,13 +32,25 @@ class LastCheckpoint(Callback):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.path = Path(dirpath) / filename
         self.every_n_steps = every_n_steps
-        self._saved_step = -1
+        self._step_at_batch_start = -1
+        self._in_loop = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._in_loop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._in_loop = False
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == self._saved_step or step == 0:  # gradient-accumulation micro-batches
+        if step == self._step_at_batch_start:  # no optimizer step (gradient accumulation)
             return
         if step % self.every_n_steps == 0 or step >= trainer.max_steps:
             self.save(trainer)
@@ -46,7 +58,7 @@ class LastCheckpoint(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if trainer.world_size == 1 or isinstance(exception, KeyboardInterrupt):
+        if self._in_loop and trainer.world_size == 1:
             self.save(trainer, self.path.with_name("on_exception.ckpt"))
 
     def save(self, trainer: L.Trainer, path: Path | None = None) -> None:
@@ -65,8 +77,6 @@ class LastCheckpoint(Callback):
             os.replace(tmp, path)
             _remove(old)
         trainer.strategy.barrier("last_checkpoint_swap")
-        if path == self.path:
-            self._saved_step = trainer.global_step
 
 
 def _remove(path: Path) -> None:

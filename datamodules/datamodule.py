@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from datamodules.collate import Collator
-from datamodules.streams import MixedStream, build_sources
+from datamodules.streams import MixedStream, build_sources, reader_shards
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import load_tokenizer
 
@@ -27,6 +27,13 @@ class BlueLMDataModule(L.LightningDataModule):
         self.train_sources = build_sources(cfg, "train")
         self.val_sources = build_sources(cfg, "val")
         self.collate = Collator(self.processor.pad_token_id)
+
+    def setup(self, stage: str) -> None:
+        # each reader (rank x worker) needs its own training shards; say so before any worker starts
+        rank, world = self._rank_world()
+        readers = world * max(1, self.cfg.data.num_workers)
+        for src in self.train_sources:
+            reader_shards(src.urls, rank, readers, strict=True, key=f"data.sources.{src.name}.train")
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -239,9 +239,9 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
 
 def uses_demo_data(cfg) -> bool:
     """Does the config read from ``data.demo_dir`` (so the demo data may be written for it)?"""
-    root = str(Path(cfg.data.demo_dir))
+    root = Path(cfg.data.demo_dir).resolve()
     paths = [cfg.tokenizer.path] + [p for s in cfg.data.sources.values() for p in (s.train, s.val) if p]
-    return any(str(Path(p)).startswith(root) for p in paths)
+    return any(Path(p).resolve().is_relative_to(root) for p in paths)
 
 
 def ensure_demo_data(cfg) -> None:

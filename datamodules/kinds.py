@@ -14,10 +14,10 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from PIL import Image
 
+from lit_bluelm.objectives.lm import IGNORE_INDEX
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import IMAGE
 
-IGNORE_INDEX = -100
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 Example = Dict[str, Any]
 

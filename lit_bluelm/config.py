@@ -196,17 +196,17 @@ def _yaml(kind: str, name: str) -> DictConfig:
     return loaded
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
+def _explain(err: OmegaConfBaseException, source: str, key: str = "?") -> ConfigError:
+    key = getattr(err, "full_key", None) or key
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError(f"bad config key '{key}' ({source}): {first}")
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, source: str, key: str = "?") -> DictConfig:
     try:
         merged = OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
-        raise _explain(err, source) from None
+        raise _explain(err, source, key) from None
     assert isinstance(merged, DictConfig)
     return merged
 
@@ -227,12 +227,22 @@ def load_config(argv: Sequence[str] = ()) -> DictConfig:
 
     cfg = OmegaConf.structured(Config)
     cfg = _merge(cfg, _yaml("stage", stage), f"configs/stage/{stage}.yaml")
-    cfg = _merge(cfg, _yaml("model", model), f"configs/model/{model}.yaml")
-    try:
-        cli = OmegaConf.from_dotlist(dotlist)
-    except OmegaConfBaseException as err:
-        raise _explain(err, "command line") from None
-    cfg = _merge(cfg, cli, "command line")
+    model_yaml = _yaml("model", model)
+    if set(model_yaml) != {"model"}:
+        # presets describe the model only; training settings belong to the stage yaml, so a
+        # preset can never undo what a stage sets (e.g. a frozen component)
+        extra = sorted(set(model_yaml) - {"model"})
+        raise ConfigError(f"configs/model/{model}.yaml may only set 'model', not {extra}")
+    cfg = _merge(cfg, model_yaml, f"configs/model/{model}.yaml")
+    for arg in dotlist:  # one at a time, so an error names its key
+        key = arg.split("=", 1)[0]
+        if key == "model.name":
+            raise ConfigError("model.name is set by model=<preset> (a configs/model yaml)")
+        try:
+            cli = OmegaConf.from_dotlist([arg])
+        except OmegaConfBaseException as err:
+            raise _explain(err, "command line", key) from None
+        cfg = _merge(cfg, cli, "command line", key)
     cfg.stage, cfg.model.name = stage, model
     if cfg.run_dir is None:
         cfg.run_dir = f"runs/{stage}"
@@ -250,6 +260,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("init_from", "resume_from"):
         if cfg[key] and not Path(cfg[key]).exists():
             raise ConfigError(f"{key}: no such checkpoint '{cfg[key]}'")
+    for name in cfg.data.sources:
+        if name not in cfg.data.mix:
+            raise ConfigError(f"data.sources.{name} has no weight: set data.mix.{name} (0 disables it)")
     for name, weight in cfg.data.mix.items():
         if name not in cfg.data.sources:
             raise ConfigError(
@@ -262,13 +275,37 @@ def validate(cfg: DictConfig) -> None:
     for key in ("seq_len", "batch_size"):
         if cfg.data[key] <= 0:
             raise ConfigError(f"data.{key} must be positive, got {cfg.data[key]}")
-    strategies = ("auto", "ddp", "fsdp")
-    if cfg.trainer.strategy not in strategies:
-        raise ConfigError(
-            f"trainer.strategy: unknown '{cfg.trainer.strategy}'; valid: {', '.join(strategies)}"
-        )
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"optim.schedule: unknown '{cfg.optim.schedule}'; valid: cosine, constant")
+    _choice(cfg, "trainer.strategy", ("auto", "ddp", "fsdp"))
+    _choice(cfg, "trainer.precision", PRECISIONS)
+    _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+    _choice(cfg, "optim.schedule", ("cosine", "constant"))
+    devices = cfg.trainer.devices
+    if not (devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))):
+        raise ConfigError(f"trainer.devices: expected a count >= 1, -1 (all) or auto, got {devices!r}")
+    for key in (
+        "trainer.max_steps",
+        "trainer.val_check_interval",
+        "trainer.log_every_n_steps",
+        "trainer.accumulate_grad_batches",
+        "trainer.num_nodes",
+        "model.anyres.max_grid",
+        "model.anyres.max_tiles",
+        "model.adapter.downsample",
+    ):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    every = cfg.checkpoint.every_n_steps
+    if every is not None and every < 1:
+        raise ConfigError(f"checkpoint.every_n_steps must be >= 1 (or null), got {every}")
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+def _choice(cfg: DictConfig, key: str, valid: Sequence[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in valid:
+        raise ConfigError(f"{key}: unknown '{value}'; valid: {', '.join(valid)}")
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:

@@ -1,10 +1,12 @@
-"""FSDP2 sharding of the composed model (torch only; Lightning calls it from ``configure_model``)."""
+"""FSDP2: sharding the composed model (``apply_fsdp``, called from ``configure_model``) and the
+Lightning strategy that sets up the data-parallel mesh for it."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -27,3 +29,16 @@ def apply_fsdp(
     # the root is used right after the last layer in backward: keep it gathered
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as pure data parallelism: one FSDP2 mesh over every
+    process of every node (no tensor parallelism), whatever form ``devices`` took."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        # the process count is known here (devices=-1, "auto" or a list all resolved)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

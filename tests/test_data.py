@@ -153,3 +153,14 @@ def test_mixture_ratio_and_reader_split(demo_dir, processor):
         s = iter(MixedStream(sources(), processor, seq_len=128, seed=3, rank=rank, world_size=2))
         keys.append({next(s)["key"].split("-")[1] for _ in range(40)})
     assert keys[0].isdisjoint(keys[1])
+
+
+def test_dataloader_workers_read_disjoint_shards(demo_dir, processor):
+    from torch.utils.data import DataLoader
+
+    urls = expand_shards(f"{demo_dir}/train/text-{{000000..000003}}.tar", "k")
+    stream = MixedStream([Source("text", "text", urls, 1.0)], processor, seq_len=64, seed=0, train=False)
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=2))
+    shards = [next(loader)["key"].split("-")[1] for _ in range(40)]
+    # workers take turns: worker 0 reads shards 0 and 2, worker 1 reads 1 and 3
+    assert set(shards[0::2]) == {"tx0"} and set(shards[1::2]) == {"tx1"}

@@ -101,11 +101,23 @@ def test_anyres_picks_best_grid(size, grid):
     assert select_best_grid(*size, tile=378, grids=candidate_grids(4, 16)) == grid
 
 
-def test_anyres_tiles_and_thumbnail():
+def test_anyres_tiles_row_major_then_thumbnail():
     grids = candidate_grids(2, 4)
+    # four quadrants of a 224x224 image: red, green / blue, white
+    image = Image.new("RGB", (224, 224))
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    for i, colour in enumerate(colours):
+        image.paste(colour, ((i % 2) * 112, (i // 2) * 112, (i % 2 + 1) * 112, (i // 2 + 1) * 112))
+    tiles = image_to_tiles(image, 112, grids)
+    assert tiles.shape == (5, 3, 112, 112)  # 2x2 grid + thumbnail
+    for i, colour in enumerate(colours):  # pixels normalised to [-1, 1]
+        expected = torch.tensor(colour, dtype=torch.float32) / 127.5 - 1
+        torch.testing.assert_close(tiles[i, :, 56, 56], expected)
+    thumb = tiles[4]  # the whole image shrunk: its quadrants again
+    torch.testing.assert_close(thumb[:, 10, 10], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(thumb[:, 100, 100], torch.tensor([1.0, 1.0, 1.0]))
     wide = image_to_tiles(Image.new("RGB", (224, 112), (255, 0, 0)), 112, grids)
     assert wide.shape == (3, 3, 112, 112)  # 2x1 grid + thumbnail
-    assert torch.allclose(wide[:, 0], torch.ones(3, 112, 112))  # red, normalised to +1
     single = image_to_tiles(Image.new("RGB", (112, 112)), 112, grids)
     assert single.shape == (1, 3, 112, 112)  # a 1x1 grid needs no thumbnail
     assert len(candidate_grids(4, 16)) == 16 and len(candidate_grids(4, 6)) < 16
@@ -163,3 +175,20 @@ def test_text_only_model_has_no_vision(tiny_cfg):
     model = build_model(cfg)
     assert model.vision is None and model.adapter is None
     assert isinstance(model, BlueLM) and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1024)
+
+
+def test_text_only_batch_under_several_ranks_runs_the_tower_on_a_blank_tile(tiny_cfg, monkeypatch):
+    model = build_model(tiny_cfg)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    single = model(ids)
+    assert all(p.grad is None for p in model.vision.parameters())
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    calls = []
+    model.vision.register_forward_hook(lambda *args: calls.append(1))
+    multi = model(ids)
+    assert calls == [1]  # the same collectives as a rank whose batch has images
+    torch.testing.assert_close(multi, single)  # with weight 0: no effect on the output
+    multi.sum().backward()
+    grads = [p.grad for p in model.vision.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # used, with zero gradient

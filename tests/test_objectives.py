@@ -42,8 +42,10 @@ def test_adamw8bit_steps_on_param_groups():
     from lit_bluelm.modules.optim import OPTIMIZERS
 
     layer = nn.Linear(64, 64)
-    groups = [{"name": "llm", "params": [layer.weight], "lr": 1e-2, "weight_decay": 0.1},
-              {"name": "llm_no_decay", "params": [layer.bias], "lr": 1e-2, "weight_decay": 0.0}]
+    groups = [
+        {"name": "llm", "params": [layer.weight], "lr": 1e-2, "weight_decay": 0.1},
+        {"name": "llm_no_decay", "params": [layer.bias], "lr": 1e-2, "weight_decay": 0.0},
+    ]
     optimizer = OPTIMIZERS["adamw8bit"](groups, betas=(0.9, 0.95), eps=1e-8)
     before = layer.weight.detach().clone()
     layer(torch.randn(4, 64)).pow(2).mean().backward()

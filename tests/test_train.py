@@ -48,7 +48,7 @@ def test_checkpoints_load_weights_only_with_every_component(fitted):
     prefixes = {k.split(".")[1] for k in ckpt["state_dict"]}
     assert prefixes == {"vision", "adapter", "llm"}
     assert isinstance(ckpt["hyper_parameters"]["cfg"], dict)
-    assert summary["best_ckpt"] and (run_dir / "checkpoints").glob("best-*")
+    assert summary["best_ckpt"] and any((run_dir / "checkpoints").glob("best-step=2*"))
     assert "data_skipped" in ckpt
 
 
@@ -133,3 +133,34 @@ def test_a_crash_leaves_a_checkpoint_to_resume_from(demo_dir, tmp_path):
         load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", f"resume_from={saved}"))
     )
     assert summary["global_step"] == 4
+
+
+def test_gradient_accumulation_counts_optimizer_steps(demo_dir, tmp_path, monkeypatch):
+    from callbacks import LastCheckpoint
+
+    run_dir = tmp_path / "accum"
+    args = ["trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2", "validate_before_fit=false"]
+    summary = train.run(load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=3", *args)))
+    assert summary["global_step"] == 3
+    # validation (and the best checkpoint) every 2 optimizer steps, not every 2 micro-batches
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("best-*")) == ["best-step=2.ckpt"]
+
+    saves = []
+    original = LastCheckpoint.save
+
+    def spy(self, trainer, path=None):
+        saves.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.total.ready))
+        original(self, trainer, path)
+
+    monkeypatch.setattr(LastCheckpoint, "save", spy)
+    # resume at step 2, a multiple of the save interval, and go on to step 3
+    best = run_dir / "checkpoints" / "best-step=2.ckpt"
+    train.run(load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=3", f"resume_from={best}", *args)))
+    # one save, after the 6th micro-batch completed step 3; none in the middle of an accumulation
+    assert saves == [(3, 6)]
+
+
+def test_too_few_shards_for_the_readers_is_a_one_line_error(demo_dir, tmp_path, capsys):
+    assert train.main(tiny_args(demo_dir, tmp_path, "data.num_workers=5", "trainer.max_steps=1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.sources.") and "data.num_workers" in err[-1]
