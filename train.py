@@ -33,10 +33,11 @@ def dry_run(cfg: DictConfig) -> None:
 
     model = build_model(cfg.model, device="meta")
     print(OmegaConf.to_yaml(cfg), end="")
+    rows = parameter_table(model)
     print(f"{'component':<10} {'params':>16}")
-    for name, count in parameter_table(model):
+    for name, count in rows:
         print(f"{name:<10} {count:>16,}")
-    print(f"total_params={parameter_table(model)[-1][1]}")
+    print(f"total_params={rows[-1][1]}")
 
 
 def attach_tokenizer(cfg: DictConfig, tokenizer) -> None:
@@ -149,6 +150,7 @@ def run(cfg: DictConfig) -> dict:
     """Train one stage; returns a summary (val losses, checkpoint paths, steps)."""
     import lightning as L
 
+    from callbacks import LastCheckpoint
     from datamodules.datamodule import BlueLMDataModule
     from datamodules.demo import ensure_demo_data
     from lit_bluelm.modules import STAGE_MODULES
@@ -172,7 +174,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.validate_before_fit and not cfg.resume_from:
         before = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
-    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    last = next(cb.path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
     after = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
     summary = {
         "val_loss_before": before,
