@@ -36,7 +36,7 @@ from datamodules.demo import ensure_demo_data  # noqa: E402
 from lit_bluelm.config import load_config, to_container  # noqa: E402
 from lit_bluelm.models import build_model  # noqa: E402
 from lit_bluelm.modules import NextTokenModule  # noqa: E402
-from lit_bluelm.modules.optim import OPTIMIZERS, param_groups, warmup_cosine  # noqa: E402
+from lit_bluelm.modules.optim import build_optimizer  # noqa: E402
 from lit_bluelm.objectives import next_token_loss  # noqa: E402
 
 
@@ -82,13 +82,7 @@ def run_raw(cfg, batches, warmup: int) -> List[float]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     model.train()
-    optim = cfg.optim
-    optimizer = OPTIMIZERS[optim.name](
-        param_groups(model, optim.lr, optim.weight_decay), betas=tuple(optim.betas), eps=optim.eps
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(optim.warmup_steps, cfg.trainer.max_steps, optim.min_lr_ratio)
-    )
+    optimizer, schedule = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
     starts = []
     for batch in batches:
         starts.append(time.perf_counter())

@@ -13,11 +13,10 @@ from torchmetrics.aggregation import MeanMetric
 
 from lit_bluelm.config import from_container
 from lit_bluelm.models import BlueLM, build_model
-from lit_bluelm.modules.optim import OPTIMIZERS, freeze_components, param_groups, warmup_cosine
+from lit_bluelm.modules.optim import build_optimizer, freeze_components
 from lit_bluelm.modules.weights import load_model_weights
 from lit_bluelm.objectives import next_token_loss
 from lit_bluelm.parallel import apply_fsdp
-from lit_bluelm.registry import lookup
 
 Batch = Dict[str, Any]
 
@@ -71,14 +70,7 @@ class BlueLMModule(L.LightningModule):
 
     def configure_optimizers(self) -> Dict[str, Any]:
         assert self.model is not None
-        optim = self.cfg.optim
-        groups = param_groups(self.model, optim.lr, optim.weight_decay)
-        make = lookup(OPTIMIZERS, optim.name, "optim.name")
-        optimizer = make(groups, betas=tuple(optim.betas), eps=optim.eps)
-        factor = warmup_cosine(
-            optim.warmup_steps, self.cfg.trainer.max_steps, optim.min_lr_ratio, optim.schedule == "cosine"
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        optimizer, scheduler = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ bookkeeping

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
+
+from lit_bluelm.registry import lookup
 
 COMPONENTS = ("vision", "adapter", "llm")
 
@@ -68,3 +70,15 @@ def warmup_cosine(
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def build_optimizer(
+    model: nn.Module, optim: Any, max_steps: int
+) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over ``param_groups`` and its per-step LR schedule, from ``cfg.optim``."""
+    make = lookup(OPTIMIZERS, optim.name, "optim.name")
+    optimizer = make(
+        param_groups(model, optim.lr, optim.weight_decay), betas=tuple(optim.betas), eps=optim.eps
+    )
+    factor = warmup_cosine(optim.warmup_steps, max_steps, optim.min_lr_ratio, optim.schedule == "cosine")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Collection, Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from lit_bluelm.config import ConfigError
 PREFIX = "model."
 
 
-def _sharded_model_state(path: Path, only: Optional[Collection[str]]) -> Dict[str, torch.Tensor]:
+def _sharded_model_state(path: Path) -> Dict[str, torch.Tensor]:
     """The ``model.*`` tensors of a distributed (DCP) checkpoint folder, and nothing else: the
     optimizer state beside them is never read."""
     from torch.distributed.checkpoint import FileSystemReader, load
@@ -27,9 +27,7 @@ def _sharded_model_state(path: Path, only: Optional[Collection[str]]) -> Dict[st
     template = {
         key[len("state_dict.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in stored.items()
-        if key.startswith(prefix)
-        and isinstance(meta, TensorStorageMetadata)
-        and (only is None or key[len(prefix) :] in only)
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
     state = {"state_dict": template}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -38,19 +36,15 @@ def _sharded_model_state(path: Path, only: Optional[Collection[str]]) -> Dict[st
     return {k[len(PREFIX) :]: v for k, v in template.items()}
 
 
-def read_model_state(path: str | Path, only: Optional[Collection[str]] = None) -> Dict[str, torch.Tensor]:
-    """The ``model.*`` weights of a checkpoint, prefix stripped (``only``: just these names).
-    Files load with ``weights_only=True`` and ``mmap``, so unused entries are never read."""
+def read_model_state(path: str | Path) -> Dict[str, torch.Tensor]:
+    """The ``model.*`` weights of a checkpoint, prefix stripped. Files load with
+    ``weights_only=True`` and ``mmap``, so entries other than the weights are never read."""
     path = Path(path)
     if path.is_dir():  # sharded checkpoint written by the fsdp strategy
-        return _sharded_model_state(path, only)
+        return _sharded_model_state(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = ckpt.get("state_dict", ckpt)
-    return {
-        k[len(PREFIX) :]: v
-        for k, v in state.items()
-        if k.startswith(PREFIX) and (only is None or k[len(PREFIX) :] in only)
-    }
+    return {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> Dict[str, list]:
