@@ -137,7 +137,7 @@ def check_names(cfg: DictConfig) -> None:
     lookup(STAGE_MODULES, cfg.module, "module")
     lookup(OPTIMIZERS, cfg.optim.name, "optim.name")
     lookup(LLMS, cfg.model.llm.name, "model.llm.name")
-    if cfg.model.vision.name != "none":
+    if not cfg.model.text_only:
         lookup(VISION_ENCODERS, cfg.model.vision.name, "model.vision.name")
         lookup(ADAPTERS, cfg.model.adapter.name, "model.adapter.name")
 

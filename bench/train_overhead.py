@@ -37,7 +37,7 @@ from lit_bluelm.config import load_config, to_container  # noqa: E402
 from lit_bluelm.models import build_model  # noqa: E402
 from lit_bluelm.modules import NextTokenModule  # noqa: E402
 from lit_bluelm.modules.optim import build_optimizer  # noqa: E402
-from lit_bluelm.objectives import next_token_loss  # noqa: E402
+from lit_bluelm.objectives import next_token_head_loss  # noqa: E402
 
 
 class Replay(IterableDataset):
@@ -86,8 +86,8 @@ def run_raw(cfg, batches, warmup: int) -> List[float]:
     starts = []
     for batch in batches:
         starts.append(time.perf_counter())
-        logits = model(batch["input_ids"], pixel_values=batch["pixel_values"])
-        loss, _ = next_token_loss(logits, batch["labels"])
+        head_fn = next_token_head_loss(batch["labels"], cfg.loss.chunk_size)
+        loss = model(batch["input_ids"], pixel_values=batch["pixel_values"], head_fn=head_fn).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         optimizer.step()

@@ -74,6 +74,9 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     anyres: AnyResConfig = field(default_factory=AnyResConfig)
+    # the LLM alone, no vision tower or adapter (stage 1); later stages load its weights into a
+    # full model with init_from
+    text_only: bool = False
     # id of the <image> placeholder; resolved from the tokenizer at launch when null
     image_token_id: Optional[int] = None
 
@@ -97,6 +100,10 @@ class DataConfig:
     val_batch_size: Optional[int] = None  # default: batch_size
     num_workers: int = 2
     shuffle_buffer: int = 256
+    # concatenate documents into rows of seq_len (EOS between them, positions restarting, no
+    # attention across documents); pack_buffer documents are held to fill rows best-fit
+    packing: bool = False
+    pack_buffer: int = 64
     seed: int = 1234
     # shards under this folder are written by `python -m datamodules.demo` when missing
     demo_dir: str = "data/demo"
@@ -129,6 +136,31 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class LossConfig:
+    # tokens per chunk of the output projection + CE/KD: only chunk_size x vocab float32 logits
+    # exist at a time (256 x 151,936 x 4 bytes = 156 MB per tensor)
+    chunk_size: int = 256
+
+
+@dataclass
+class DistillConfig:
+    """Logit distillation from a frozen teacher LLM (``module: distill``)."""
+
+    # configs/model preset name (random init: smoke tests only), a local Hugging Face model
+    # directory, or a lit-bluelm checkpoint file (its saved config says how to build the LLM)
+    teacher: Optional[str] = None
+    alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * T^2 * KL
+    temperature: float = 1.0
+    reverse: bool = False  # KL(student || teacher) instead of KL(teacher || student)
+    top_k: Optional[int] = None  # keep only the teacher's k largest logits per token
+    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes; GPU and a Hugging Face teacher)
+    # Minitron-style pruning init: the student's LLM is cut out of the teacher's
+    init_from_teacher: bool = False
+    keep_layers: Optional[List[int]] = None  # teacher layers to keep; default: the most important
+    calibration_batches: int = 8  # training batches that measure layer/head/channel importance
 
 
 @dataclass
@@ -174,6 +206,8 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -272,9 +306,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.mix.{name}: weight must be >= 0, got {weight}")
     if cfg.data.mix and sum(cfg.data.mix.values()) <= 0:
         raise ConfigError("data.mix: weights are all zero")
-    for key in ("seq_len", "batch_size"):
-        if cfg.data[key] <= 0:
-            raise ConfigError(f"data.{key} must be positive, got {cfg.data[key]}")
+    for key in ("data.seq_len", "data.batch_size", "data.pack_buffer", "loss.chunk_size"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    _validate_distill(cfg)
     _choice(cfg, "trainer.strategy", ("auto", "ddp", "fsdp"))
     _choice(cfg, "trainer.precision", PRECISIONS)
     _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
@@ -297,6 +332,25 @@ def validate(cfg: DictConfig) -> None:
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
         raise ConfigError(f"checkpoint.every_n_steps must be >= 1 (or null), got {every}")
+
+
+def _validate_distill(cfg: DictConfig) -> None:
+    d = cfg.distill
+    _choice(cfg, "distill.quantize", ("none", "8bit", "4bit"))
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
+    if d.top_k is not None and d.top_k < 1:
+        raise ConfigError(f"distill.top_k must be >= 1 (or null), got {d.top_k}")
+    if d.calibration_batches < 1:
+        raise ConfigError(f"distill.calibration_batches must be >= 1, got {d.calibration_batches}")
+    if d.init_from_teacher and cfg.init_from:
+        raise ConfigError("distill.init_from_teacher and init_from both set the starting weights: pick one")
+    if cfg.module == "distill" and not d.teacher:
+        raise ConfigError(
+            "module=distill needs distill.teacher (a model preset, Hugging Face dir or checkpoint)"
+        )
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")

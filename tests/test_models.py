@@ -171,7 +171,7 @@ def test_placeholder_feature_mismatch_is_a_clear_error(tiny_cfg):
 
 
 def test_text_only_model_has_no_vision(tiny_cfg):
-    cfg = OmegaConf.merge(tiny_cfg, {"vision": {"name": "none"}})
+    cfg = OmegaConf.merge(tiny_cfg, {"text_only": True})
     model = build_model(cfg)
     assert model.vision is None and model.adapter is None
     assert isinstance(model, BlueLM) and model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1024)

@@ -3,7 +3,7 @@ embeddings at the ``<image>`` placeholder positions."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,19 +90,29 @@ class BlueLM(nn.Module):
             embeds = embeds + 0.0 * self.encode_images(blank).sum()
         return embeds
 
+    def output_head(self) -> nn.Linear:
+        """The LLM's output projection (logits = hidden @ weight.T + bias)."""
+        return self.llm.get_output_embeddings()
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Next-token logits [B, T, V]."""
+        head_fn: Optional[Callable[[torch.Tensor, nn.Linear], Any]] = None,
+    ) -> Any:
+        """Next-token logits [B, T, V]; or, with ``head_fn``, ``head_fn(hidden [B, T, D], head)``.
+
+        ``head_fn`` lets a loss consume the final hidden states and the output projection
+        without materialising full logits (chunked CE/KD). It runs inside this forward, so under
+        FSDP the head's weight is gathered while it is used. Packed rows pass ``position_ids``
+        that restart at every document and no ``attention_mask``: transformers then builds a
+        block-diagonal causal mask (or varlen attention) from the position resets.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
-        return out.logits
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if head_fn is None:
+            return self.llm(inputs_embeds=embeds, **kwargs).logits
+        hidden = self.llm.base_model(inputs_embeds=embeds, **kwargs).last_hidden_state
+        return head_fn(hidden, self.output_head())

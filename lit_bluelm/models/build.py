@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from lit_bluelm.models.adapter import ADAPTERS
 from lit_bluelm.models.bluelm import BlueLM
-from lit_bluelm.models.llm import LLMS
+from lit_bluelm.models.llm import LLMS, check_output_head
 from lit_bluelm.models.vision import VISION_ENCODERS
 from lit_bluelm.registry import lookup
 
@@ -18,12 +18,13 @@ from lit_bluelm.registry import lookup
 def build_model(cfg: DictConfig, device: str | torch.device | None = None) -> BlueLM:
     """Random-init (or local-weights) BlueLM. ``device="meta"`` builds shapes only (dry run).
 
-    ``model.vision.name: none`` builds a text-only model (no vision tower, no adapter).
+    ``model.text_only: true`` builds the LLM alone (no vision tower, no adapter).
     """
     with torch.device(device) if device is not None else nullcontext():
         llm = lookup(LLMS, cfg.llm.name, "model.llm.name")(cfg.llm)
+        check_output_head(llm.config)
         vision = adapter = None
-        if cfg.vision.name != "none":
+        if not cfg.text_only:
             vision = lookup(VISION_ENCODERS, cfg.vision.name, "model.vision.name")(cfg.vision)
             build_adapter = lookup(ADAPTERS, cfg.adapter.name, "model.adapter.name")
             adapter = build_adapter(cfg.adapter, vision.embed_dim, llm.config.hidden_size)

@@ -42,6 +42,16 @@ def llm_config(cfg: LLMConfig) -> PretrainedConfig:
     return hf_cfg
 
 
+def check_output_head(hf_cfg: PretrainedConfig) -> None:
+    """The chunked loss computes logits as ``hidden @ W.T + b``; refuse heads that do more."""
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(hf_cfg, key, None):
+            raise ConfigError(
+                f"model.llm: {hf_cfg.model_type} applies {key} to its logits, which the chunked "
+                "loss (loss.chunk_size) does not model"
+            )
+
+
 def _local_dir(cfg: LLMConfig) -> str:
     if not cfg.path or not Path(cfg.path).is_dir():
         raise ConfigError(f"model.llm.path: '{cfg.path}' is not a local model directory")

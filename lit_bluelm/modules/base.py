@@ -4,7 +4,7 @@ the bookkeeping every stage shares (validation loss and perplexity, skipped-samp
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
@@ -15,7 +15,7 @@ from lit_bluelm.config import from_container
 from lit_bluelm.models import BlueLM, build_model
 from lit_bluelm.modules.optim import build_optimizer, freeze_components
 from lit_bluelm.modules.weights import load_model_weights
-from lit_bluelm.objectives import next_token_loss
+from lit_bluelm.objectives import Head, KDOptions, LossParts, next_token_head_loss
 from lit_bluelm.parallel import apply_fsdp
 
 Batch = Dict[str, Any]
@@ -56,15 +56,28 @@ class BlueLMModule(L.LightningModule):
             apply_fsdp(model, self.device_mesh["data_parallel"], param_dtype, cfg.fsdp.reshard_after_forward)
         self.model = model
 
-    def lm_loss(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token CE of a batch and the number of predicted tokens."""
+    def lm_loss(
+        self,
+        batch: Batch,
+        teacher_hidden: Optional[torch.Tensor] = None,
+        teacher_head: Optional[Head] = None,
+        kd: KDOptions = KDOptions(),
+    ) -> LossParts:
+        """Next-token CE of a batch (plus KD when a teacher's hidden states are given), from the
+        final hidden states in chunks of ``loss.chunk_size`` tokens (no full logits)."""
         assert self.model is not None
         # Right padding + causal attention: pads never influence real tokens and their labels
-        # are ignored, so no attention mask is needed (SDPA takes its fast causal path).
-        logits = self.model(
-            batch["input_ids"], position_ids=batch.get("position_ids"), pixel_values=batch.get("pixel_values")
+        # are ignored, so no attention mask is needed (SDPA takes its fast causal path). Packed
+        # rows carry position_ids that restart per document, which keeps attention inside each.
+        head_fn = next_token_head_loss(
+            batch["labels"], self.cfg.loss.chunk_size, teacher_hidden, teacher_head, kd
         )
-        return next_token_loss(logits, batch["labels"])
+        return self.model(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            pixel_values=batch.get("pixel_values"),
+            head_fn=head_fn,
+        )
 
     # ------------------------------------------------------------------ optimisation
 

@@ -9,10 +9,10 @@ from lit_bluelm.modules.base import Batch, BlueLMModule
 
 class NextTokenModule(BlueLMModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.lm_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        parts = self.lm_loss(batch)
+        self.log("train/loss", parts.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return parts.loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, tokens = self.lm_loss(batch)
-        self.record_val_loss(loss, tokens)
+        parts = self.lm_loss(batch)
+        self.record_val_loss(parts.ce, parts.count)

@@ -1,5 +1,22 @@
 """Loss math on tensors only: no Lightning, no model building."""
 
+from lit_bluelm.objectives.distill import (
+    Head,
+    KDOptions,
+    LossParts,
+    chunked_linear_loss,
+    naive_linear_loss,
+    next_token_head_loss,
+)
 from lit_bluelm.objectives.lm import IGNORE_INDEX, next_token_loss
 
-__all__ = ["IGNORE_INDEX", "next_token_loss"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Head",
+    "KDOptions",
+    "LossParts",
+    "chunked_linear_loss",
+    "naive_linear_loss",
+    "next_token_head_loss",
+    "next_token_loss",
+]
