@@ -162,6 +162,7 @@ def run(cfg: DictConfig) -> dict:
     ensure_demo_data(cfg)
     datamodule = BlueLMDataModule(cfg)
     attach_tokenizer(cfg, datamodule.tokenizer)
+    module_cls.check(cfg, datamodule.tokenizer)
     trainer = build_trainer(cfg)
     module = module_cls(to_container(cfg))
     if trainer.is_global_zero:

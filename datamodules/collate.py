@@ -12,7 +12,8 @@ from datamodules.kinds import IGNORE_INDEX, Example
 class Collator:
     """Right-pads a list of examples to the longest one (rounded up to ``pad_to_multiple``).
 
-    Batch: ``input_ids``/``labels``/``attention_mask`` [B, T]; ``pixel_values`` [tiles, 3, S, S]
+    Batch: ``input_ids``/``labels``/``attention_mask`` [B, T]; ``position_ids`` [B, T] for packed
+    rows (restarting per document) or None; ``pixel_values`` [tiles, 3, S, S]
     (every image's tiles, in row order, matching the placeholder order) or None; ``source``,
     ``key``, ``task`` lists; ``skipped`` (samples skipped by the reader since its last batch).
     """
@@ -29,16 +30,25 @@ class Collator:
         input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((b, width), dtype=torch.long)
+        # packed rows carry position_ids; the padding after them counts from 0 again, so it
+        # forms its own (label-free) segment and no real token attends to it
+        packed = any(e.get("position_ids") is not None for e in examples)
+        position_ids = torch.arange(width).repeat(b, 1) if packed else None
         for row, e in enumerate(examples):
             n = len(e["input_ids"])
             input_ids[row, :n] = e["input_ids"]
             labels[row, :n] = e["labels"]
             attention_mask[row, :n] = 1
+            if packed:
+                pos = e.get("position_ids")
+                position_ids[row, :n] = pos if pos is not None else torch.arange(n)
+                position_ids[row, n:] = torch.arange(width - n)
         tiles = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
         return {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
+            "position_ids": position_ids,
             "pixel_values": torch.cat(tiles) if tiles else None,
             "source": [e.get("source", "") for e in examples],
             "key": [e.get("key", "") for e in examples],

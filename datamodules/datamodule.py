@@ -43,7 +43,16 @@ class BlueLMDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         data = self.cfg.data
         stream = MixedStream(
-            sources, self.processor, data.seq_len, data.seed, rank, world, data.shuffle_buffer, train
+            sources,
+            self.processor,
+            data.seq_len,
+            data.seed,
+            rank,
+            world,
+            data.shuffle_buffer,
+            train,
+            packing=data.packing,
+            pack_buffer=data.pack_buffer,
         )
         return DataLoader(
             stream,

@@ -74,13 +74,14 @@ def _example(ids: list, pixel_values: Optional[torch.Tensor], meta: Dict[str, An
 
 
 def encode_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
-    """``txt`` (or ``json`` with a ``text`` field) -> tokens + EOS, cut at ``seq_len``."""
+    """``txt`` (or ``json`` with a ``text`` field) -> tokens + EOS, whole: a document longer than
+    ``seq_len`` is split into pieces later (``datamodules.packing``), never cut or dropped."""
     meta = decode_json(raw)
     text = decode_text(raw, meta)
     if IMAGE in text:
         raise SampleError(f"text sample contains the reserved marker {IMAGE}")
     encoded = processor.encode(text, add_eos=True)
-    return _example(encoded.input_ids[:seq_len], None, meta, processor.image_token_id)
+    return _example(encoded.input_ids, None, meta, processor.image_token_id)
 
 
 def encode_image_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:

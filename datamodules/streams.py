@@ -21,6 +21,7 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.kinds import SAMPLE_KINDS, Example
+from datamodules.packing import pack_stream, split_stream
 from lit_bluelm.config import ConfigError
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.registry import lookup
@@ -159,6 +160,8 @@ class MixedStream(IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 256,
         train: bool = True,
+        packing: bool = False,
+        pack_buffer: int = 64,
     ) -> None:
         super().__init__()
         self.sources = [s for s in sources if s.weight > 0]
@@ -170,8 +173,16 @@ class MixedStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.train = train
+        self.packing = packing
+        self.pack_buffer = pack_buffer
 
     def __iter__(self) -> Iterator[Example]:
+        """Examples of at most ``seq_len`` tokens: packed rows, or documents (long ones split)."""
+        if self.packing:
+            return pack_stream(self._mixed(), self.seq_len, self.pack_buffer)
+        return split_stream(self._mixed(), self.seq_len)
+
+    def _mixed(self) -> Iterator[Example]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader, readers = self.rank * workers + worker, self.world_size * workers

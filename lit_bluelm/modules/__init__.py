@@ -3,10 +3,12 @@
 from typing import Dict, Type
 
 from lit_bluelm.modules.base import BlueLMModule
+from lit_bluelm.modules.distill import DistillModule
 from lit_bluelm.modules.next_token import NextTokenModule
 
 STAGE_MODULES: Dict[str, Type[BlueLMModule]] = {
     "next_token": NextTokenModule,
+    "distill": DistillModule,
 }
 
-__all__ = ["STAGE_MODULES", "BlueLMModule", "NextTokenModule"]
+__all__ = ["STAGE_MODULES", "BlueLMModule", "DistillModule", "NextTokenModule"]

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
 from torchmetrics.aggregation import MeanMetric
 
 from lit_bluelm.config import from_container
@@ -32,6 +33,7 @@ class BlueLMModule(L.LightningModule):
         self.model: Optional[BlueLM] = None
         self.val_loss = MeanMetric()  # token-weighted, synced across ranks on compute
         self._skipped = 0  # samples this rank's loader skipped (rank 0 also holds resumed totals)
+        self._tokens = [0, 0]  # real tokens and row slots of this rank's batches since the last log
 
     # ------------------------------------------------------------------ model
 
@@ -40,12 +42,7 @@ class BlueLMModule(L.LightningModule):
             return
         cfg = self.cfg
         model = build_model(cfg.model)
-        if cfg.init_from:
-            keys = load_model_weights(model, cfg.init_from)
-            rank_zero_info(
-                f"init_from {cfg.init_from}: loaded weights; {len(keys['missing'])} tensors kept "
-                f"their init, {len(keys['unexpected'])} checkpoint tensors unused"
-            )
+        self.initialize(model)
         frozen = freeze_components(model, cfg.optim.lr)
         if frozen:
             rank_zero_info(f"frozen (lr=0): {', '.join(frozen)}")
@@ -55,6 +52,21 @@ class BlueLMModule(L.LightningModule):
             param_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16-mixed" else None
             apply_fsdp(model, self.device_mesh["data_parallel"], param_dtype, cfg.fsdp.reshard_after_forward)
         self.model = model
+
+    def initialize(self, model: BlueLM) -> None:
+        """Starting weights of a new run (before freezing and sharding): ``init_from``, if set.
+        On resume the checkpoint's weights replace these afterwards."""
+        cfg = self.cfg
+        if cfg.init_from:
+            keys = load_model_weights(model, cfg.init_from)
+            rank_zero_info(
+                f"init_from {cfg.init_from}: loaded weights; {len(keys['missing'])} tensors kept "
+                f"their init, {len(keys['unexpected'])} checkpoint tensors unused"
+            )
+
+    @classmethod
+    def check(cls, cfg: DictConfig, tokenizer: Any) -> None:
+        """Start-up checks of what this objective needs (before any data or model work)."""
 
     def lm_loss(
         self,
@@ -89,19 +101,25 @@ class BlueLMModule(L.LightningModule):
     # ------------------------------------------------------------------ bookkeeping
 
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        # read the loader's skip count while it is still a CPU tensor (no device sync)
+        # read the loader's counts while they are still CPU tensors (no device sync)
         skipped = batch.pop("skipped", None)
-        if skipped is not None and self.trainer.training:
-            self._skipped += int(skipped)
+        if self.trainer.training:
+            if skipped is not None:
+                self._skipped += int(skipped)
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                self._tokens[0] += int(mask.sum())
+                self._tokens[1] += mask.numel()
         return batch
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
-            self.log("data/skipped", self._skipped_total(), on_step=True, on_epoch=False)
-
-    def _skipped_total(self) -> torch.Tensor:
-        local = torch.tensor(float(self._skipped), device=self.device)
-        return self.trainer.strategy.reduce(local, reduce_op="sum")
+            counts = torch.tensor([float(self._skipped), *map(float, self._tokens)], device=self.device)
+            skipped, real, slots = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            self.log("data/skipped", skipped, on_step=True, on_epoch=False)
+            if slots > 0:  # real tokens / row slots since the last log (padding is the rest)
+                self.log("data/packing_efficiency", real / slots, on_step=True, on_epoch=False)
+            self._tokens = [0, 0]
 
     def record_val_loss(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
         self.val_loss.update(loss.detach(), weight=tokens)
@@ -117,7 +135,8 @@ class BlueLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # every rank calls this; the summed count is stored once (rank 0 restores it)
-        checkpoint["data_skipped"] = int(self._skipped_total().item())
+        local = torch.tensor(float(self._skipped), device=self.device)
+        checkpoint["data_skipped"] = int(self.trainer.strategy.reduce(local, reduce_op="sum").item())
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self._skipped = int(checkpoint.get("data_skipped", 0)) if self.global_rank == 0 else 0

@@ -1,0 +1,114 @@
+"""Stage 1 (``stage=text``): the LLM trained on text with logit distillation from a frozen teacher.
+
+Loss = ``alpha`` * CE + (1 - ``alpha``) * T^2 * KL (``distill.*``), computed in token chunks from
+the final hidden states of student and teacher (``lit_bluelm.objectives.distill``). The teacher
+runs in eval mode without gradients. It is held outside the module's registered children, so it
+is never written into checkpoints, never reaches the optimizer and is never sharded. Validation
+reports the student's plain CE (``val/loss``), comparable with runs trained without a teacher.
+
+With ``distill.init_from_teacher`` the student's LLM starts as a pruned copy of the teacher
+(``lit_bluelm.models.prune``), importance measured on ``distill.calibration_batches`` batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+from transformers import PreTrainedModel
+
+from lit_bluelm.config import ConfigError
+from lit_bluelm.models import BlueLM
+from lit_bluelm.models.llm import llm_config
+from lit_bluelm.models.prune import measure_importance, prune_into, reduce_importance
+from lit_bluelm.modules.base import Batch, BlueLMModule
+from lit_bluelm.modules.teacher import build_teacher, check_teacher, resolve_teacher
+from lit_bluelm.objectives import Head, KDOptions
+
+
+class DistillModule(BlueLMModule):
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        super().__init__(cfg)
+        d = self.cfg.distill
+        self.kd = KDOptions(alpha=d.alpha, temperature=d.temperature, reverse=d.reverse, top_k=d.top_k)
+        # not a registered submodule: out of state_dict, optimizer, FSDP and .to() (moved by hand)
+        self.__dict__["_teacher"] = None
+
+    @classmethod
+    def check(cls, cfg: DictConfig, tokenizer: Any) -> None:
+        for name, src in cfg.data.sources.items():
+            if src.kind == "image_text" and cfg.data.mix[name] > 0:
+                raise ConfigError(f"module=distill trains on text: data.sources.{name} is {src.kind}")
+        source = resolve_teacher(cfg.distill.teacher)
+        check_teacher(source, llm_config(cfg.model.llm).vocab_size, tokenizer)
+
+    # ------------------------------------------------------------------ teacher
+
+    def _load_teacher(self) -> PreTrainedModel:
+        d = self.cfg.distill
+        dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else torch.float32
+        teacher = build_teacher(resolve_teacher(d.teacher), dtype, d.quantize)
+        if d.quantize == "none" and self._trainer is not None:
+            teacher.to(self.trainer.strategy.root_device)
+        n = sum(p.numel() for p in teacher.parameters())
+        rank_zero_info(f"teacher {d.teacher}: {n:,} parameters, frozen, {dtype}")
+        self.__dict__["_teacher"] = teacher
+        return teacher
+
+    def initialize(self, model: BlueLM) -> None:
+        teacher = self.teacher or self._load_teacher()
+        d = self.cfg.distill
+        if not d.init_from_teacher or self.cfg.resume_from:
+            return super().initialize(model)
+        loader = self.trainer.datamodule.train_dataloader()
+        batches = list(itertools.islice(loader, d.calibration_batches))
+        importance = reduce_importance(measure_importance(teacher, batches))
+        report = prune_into(teacher, model.llm, importance, d.keep_layers)
+        rank_zero_info(
+            f"init_from_teacher: kept teacher layers {report['layers']}, "
+            f"{len(report['heads'][0])} query heads and {report['channels'][0]} MLP channels per layer "
+            f"(importance from {len(batches)} batches)"
+        )
+
+    def teacher_hidden(self, batch: Batch) -> torch.Tensor:
+        """The teacher's final hidden states [B, T, Dt] for the batch (no gradients)."""
+        teacher = self.teacher
+        if batch.get("pixel_values") is not None:
+            raise ValueError("distillation runs on text batches; this batch carries images")
+        if teacher.device != self.device and self.cfg.distill.quantize == "none":
+            teacher.to(self.device)
+        with torch.no_grad():
+            out = teacher.base_model(
+                input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False
+            )
+        return out.last_hidden_state
+
+    def teacher_head(self) -> Head:
+        head = self.teacher.get_output_embeddings()
+        return Head(head.weight, head.bias)
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        parts = self.lm_loss(batch, self.teacher_hidden(batch), self.teacher_head(), self.kd)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", parts.loss, prog_bar=True, batch_size=size)
+        self.log("train/ce_loss", parts.ce, batch_size=size)
+        self.log("train/kd_loss", parts.kd, batch_size=size)
+        return parts.loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        parts = self.lm_loss(batch)  # the student's CE alone
+        self.record_val_loss(parts.ce, parts.count)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        leaked = [k for k in checkpoint.get("state_dict", {}) if k.startswith("teacher.")]
+        assert not leaked, f"teacher weights in a checkpoint: {leaked[:3]}"
+
+    @property
+    def teacher(self) -> Optional[PreTrainedModel]:
+        return self.__dict__["_teacher"]
