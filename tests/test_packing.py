@@ -31,7 +31,7 @@ def test_pack_stream_keeps_every_token_and_splits_long_documents():
     assert packed == Counter(int(t) for d in docs for t in d["input_ids"])  # nothing lost, nothing twice
     # the 40-token document became 16 + 16 + 8 pieces, each starting at position 0
     assert sum(len(r["input_ids"]) for r in rows) == sum(lengths)
-    starts = [int(t) for r in rows for t, p in zip(r["input_ids"], r["position_ids"]) if p == 0]
+    starts = [int(t) for r in rows for t, p in zip(r["input_ids"], r["position_ids"], strict=True) if p == 0]
     assert {300, 316, 332} <= set(starts)
 
 

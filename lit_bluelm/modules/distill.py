@@ -39,6 +39,11 @@ class DistillModule(BlueLMModule):
 
     @classmethod
     def check(cls, cfg: DictConfig, tokenizer: Any) -> None:
+        if not cfg.distill.teacher:
+            raise ConfigError(
+                "module=distill needs distill.teacher (a model preset, a Hugging Face directory or a "
+                "lit-bluelm checkpoint); train without a teacher with module=next_token"
+            )
         for name, src in cfg.data.sources.items():
             if src.kind == "image_text" and cfg.data.mix[name] > 0:
                 raise ConfigError(f"module=distill trains on text: data.sources.{name} is {src.kind}")
