@@ -347,10 +347,6 @@ def _validate_distill(cfg: DictConfig) -> None:
         raise ConfigError(f"distill.calibration_batches must be >= 1, got {d.calibration_batches}")
     if d.init_from_teacher and cfg.init_from:
         raise ConfigError("distill.init_from_teacher and init_from both set the starting weights: pick one")
-    if cfg.module == "distill" and not d.teacher:
-        raise ConfigError(
-            "module=distill needs distill.teacher (a model preset, Hugging Face dir or checkpoint)"
-        )
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
