@@ -53,14 +53,16 @@ def test_tokenizer_has_every_special_token(demo_dir):
     assert tok.pad_token_id != tok.eos_token_id
 
 
-def test_encoders_mask_image_placeholders_and_cut_text(processor):
+def test_encoders_mask_image_placeholders_and_keep_long_text_whole(processor):
     ex = encode_image_text({"png": _png(), "txt": b"three shapes"}, processor, seq_len=200)
     img = ex["input_ids"] == processor.image_token_id
     assert img.sum() == 48 and (ex["labels"][img] == IGNORE_INDEX).all()
     assert (ex["labels"][~img] == ex["input_ids"][~img]).all()
     assert ex["input_ids"][-1] == processor.eos_token_id
     text = encode_text({"json": json.dumps({"text": "word " * 300, "task": "t"}).encode()}, processor, 32)
-    assert len(text["input_ids"]) == 32 and text["task"] == "t"
+    # kept whole (the stream splits it into seq_len pieces), never cut
+    assert len(text["input_ids"]) > 300 and text["input_ids"][-1] == processor.eos_token_id
+    assert text["task"] == "t"
     with pytest.raises(ValueError, match="do not fit"):
         encode_image_text({"png": _png(), "txt": b"x"}, processor, seq_len=20)
 
