@@ -1,0 +1,264 @@
+"""Stage 1: chunked CE/KD math, pruning init, teacher checks and the text stage end to end."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from lit_bluelm.config import ConfigError, load_config
+from lit_bluelm.models.llm import build_from_config
+from lit_bluelm.models.prune import Importance, measure_importance, prune_into
+from lit_bluelm.modules.teacher import check_teacher, resolve_teacher
+from lit_bluelm.objectives import (
+    Head,
+    KDOptions,
+    chunked_linear_loss,
+    naive_linear_loss,
+    next_token_head_loss,
+    next_token_loss,
+)
+from lit_bluelm.tokenizer import load_tokenizer
+from tests.conftest import SMALL
+from tests.test_train import _scalars
+
+# ----------------------------------------------------------------------------- loss math
+
+VARIANTS = [
+    KDOptions(alpha=0.5),
+    KDOptions(alpha=0.3, temperature=2.0),
+    KDOptions(alpha=0.2, temperature=1.5, reverse=True),
+    KDOptions(alpha=0.0, top_k=5),
+    KDOptions(alpha=0.5, top_k=7, reverse=True),
+]
+
+
+@pytest.mark.parametrize("opts", VARIANTS, ids=str)
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+def test_chunked_loss_and_gradients_match_the_naive_computation(opts, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 37, 16, 50
+    hidden = torch.randn(n, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, requires_grad=True)
+    bias = torch.randn(v, generator=g, requires_grad=True)
+    teacher = (torch.randn(n, 24, generator=g), Head(torch.randn(v, 24, generator=g)))
+    targets = torch.randint(0, v, (n,), generator=g)
+    results = []
+    for fn, extra in ((chunked_linear_loss, {"chunk_size": chunk_size}), (naive_linear_loss, {})):
+        for x in (hidden, weight, bias):
+            x.grad = None
+        out = fn(hidden, Head(weight, bias), targets, *teacher, opts=opts, **extra)
+        (2.0 * out.loss).backward()  # a non-unit upstream gradient reaches every input
+        results.append((out, [x.grad.clone() for x in (hidden, weight, bias)]))
+    (chunked, grads_c), (naive, grads_n) = results
+    for a, b in zip(chunked[:3], naive[:3], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_c, grads_n, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert chunked.kd > 0 and int(chunked.count) == n
+
+
+def test_hand_made_values():
+    # one token, vocabulary 2, identity head: logits are the hidden state itself
+    head = Head(torch.eye(2))
+    student = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4)
+    teacher = torch.tensor([[0.0, 0.0]])  # p = (1/2, 1/2)
+    target = torch.tensor([1])
+    ce_only = chunked_linear_loss(student, head, target)
+    assert ce_only.loss.item() == pytest.approx(-math.log(0.75), abs=1e-6) and ce_only.kd.item() == 0
+    out = chunked_linear_loss(student, head, target, teacher, head, KDOptions(alpha=0.25))
+    forward_kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert out.kd.item() == pytest.approx(forward_kl, abs=1e-6)
+    assert out.loss.item() == pytest.approx(0.25 * -math.log(0.75) + 0.75 * forward_kl, abs=1e-6)
+    rev = chunked_linear_loss(student, head, target, teacher, head, KDOptions(reverse=True))
+    reverse_kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert rev.kd.item() == pytest.approx(reverse_kl, abs=1e-6)
+    # temperature 2: KL of the softened distributions, scaled by T^2
+    soft = chunked_linear_loss(student, head, target, teacher, head, KDOptions(temperature=2.0))
+    q = F.softmax(student / 2, -1)[0]
+    expected = 4.0 * float((0.5 * torch.log(0.5 / q)).sum())
+    assert soft.kd.item() == pytest.approx(expected, abs=1e-6)
+    # a student equal to its teacher has nothing to learn from it
+    same = chunked_linear_loss(student, head, target, student, head)
+    assert abs(same.kd.item()) < 1e-6
+
+
+def test_chunked_ce_equals_next_token_loss_on_logits():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 8, generator=g)
+    weight = torch.randn(30, 8, generator=g)
+    labels = torch.randint(0, 30, (2, 9), generator=g)
+    labels[0, :3] = -100
+    lin = torch.nn.Linear(8, 30, bias=False)
+    lin.weight.data = weight
+    parts = next_token_head_loss(labels, chunk_size=4)(hidden, lin)
+    loss, count = next_token_loss(hidden @ weight.T, labels)
+    torch.testing.assert_close(parts.loss, loss)
+    assert int(parts.count) == int(count) == 14
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def _llm(**overrides):
+    cfg = copy.deepcopy(load_config([]).model.llm)
+    cfg.config.update(overrides)
+    torch.manual_seed(0)
+    return build_from_config(cfg).eval()
+
+
+TEACHER = dict(num_hidden_layers=6, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_width_pruning_keeps_the_paths_that_carry_signal():
+    teacher = _llm(**TEACHER)
+    with torch.no_grad():  # dead MLP channels 32.. and a dead KV group (heads 2 and 3) everywhere
+        for layer in teacher.model.layers:
+            layer.mlp.up_proj.weight[32:] = 0
+            layer.self_attn.v_proj.weight[32:64] = 0
+            layer.self_attn.v_proj.bias[32:64] = 0
+    student = _llm(
+        num_hidden_layers=6, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=32
+    )
+    ids = torch.randint(0, 1000, (2, 12))
+    importance = measure_importance(teacher, [{"input_ids": ids}])
+    assert importance.channels.shape == (6, 64) and importance.heads.shape == (6, 4)
+    report = prune_into(teacher, student, importance)
+    assert report["heads"] == [[0, 1]] * 6 and report["channels"] == [32] * 6
+    layer = student.model.layers[0]
+    assert layer.self_attn.q_proj.weight.shape == (64, 128) and layer.self_attn.k_proj.weight.shape == (
+        32,
+        128,
+    )
+    assert layer.mlp.down_proj.weight.shape == (128, 32)
+    with torch.no_grad():  # what was cut carried nothing: the outputs are the teacher's
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_depth_pruning_equals_the_teacher_without_the_dropped_layers():
+    teacher = _llm(**TEACHER)
+    student = _llm(**(TEACHER | {"num_hidden_layers": 3}))
+    ids = torch.randint(0, 1000, (1, 10))
+    report = prune_into(
+        teacher, student, measure_importance(teacher, [{"input_ids": ids}]), keep_layers=[4, 0, 2]
+    )
+    assert report["layers"] == [0, 2, 4]
+    reference = copy.deepcopy(teacher)
+    reference.model.layers = torch.nn.ModuleList(teacher.model.layers[i] for i in (0, 2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits)
+
+
+def test_least_important_layers_are_dropped():
+    imp = Importance(torch.tensor([0.9, 0.1, 0.5, 0.05]), torch.ones(4, 4), torch.ones(4, 64))
+    teacher, student = (
+        _llm(**(TEACHER | {"num_hidden_layers": 4})),
+        _llm(**(TEACHER | {"num_hidden_layers": 2})),
+    )
+    assert prune_into(teacher, student, imp)["layers"] == [0, 2]
+
+
+def test_pruning_refuses_a_student_larger_than_its_teacher():
+    teacher, student = _llm(**TEACHER), _llm(**(TEACHER | {"intermediate_size": 128}))
+    imp = measure_importance(teacher, [{"input_ids": torch.tensor([[1, 2, 3]])}])
+    with pytest.raises(ConfigError, match="intermediate_size 128 > teacher 64"):
+        prune_into(teacher, student, imp)
+    with pytest.raises(ConfigError, match="keep_layers"):
+        prune_into(teacher, _llm(**(TEACHER | {"num_hidden_layers": 2})), imp, keep_layers=[0, 9])
+
+
+# ----------------------------------------------------------------------------- teacher checks
+
+
+def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(demo_dir, tmp_path):
+    tokenizer = load_tokenizer(demo_dir / "tokenizer")
+    with pytest.raises(ConfigError, match="vocabulary has 1024 entries, the student's 2048"):
+        check_teacher(resolve_teacher("tiny_teacher"), 2048, tokenizer)
+    # a Hugging Face directory whose tokenizer maps tokens to other ids
+    from lit_bluelm.tokenizer import train_tokenizer
+
+    teacher_dir = tmp_path / "hf_teacher"
+    _llm().save_pretrained(teacher_dir)
+    train_tokenizer(["completely different words here"] * 50, SMALL.vocab_size, teacher_dir)
+    with pytest.raises(ConfigError, match="tokenizer .* differs from tokenizer.path"):
+        check_teacher(resolve_teacher(str(teacher_dir)), 1024, tokenizer)
+    with pytest.raises(ConfigError, match="not a model preset"):
+        resolve_teacher(str(tmp_path / "nowhere"))
+
+
+def test_quantized_teacher_needs_a_gpu_and_a_hf_directory():
+    from lit_bluelm.modules.teacher import build_teacher
+
+    with pytest.raises(ConfigError, match="Hugging Face directory"):
+        build_teacher(resolve_teacher("tiny_teacher"), torch.float32, "8bit")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def text_args(root, run_dir, *extra):
+    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
+    return [
+        "stage=text",
+        f"tokenizer.path={root}/tokenizer",
+        f"data.demo_dir={root}",
+        f"data.sources.text.train={root}/train/text-{{000000..{t:06d}}}.tar",
+        f"data.sources.text.val={root}/val/text-{{000000..{v:06d}}}.tar",
+        f"run_dir={run_dir}",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "data.seq_len=128",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(demo_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = load_config(
+        text_args(demo_dir, run_dir, "module=next_token", "model=tiny_teacher", "trainer.max_steps=4")
+    )
+    return train.run(cfg)["last_ckpt"]
+
+
+def test_text_stage_distils_packs_and_keeps_the_teacher_out_of_checkpoints(demo_dir, tmp_path, teacher_ckpt):
+    run_dir = tmp_path / "student"
+    args = text_args(demo_dir, run_dir, f"distill.teacher={teacher_ckpt}", "trainer.max_steps=3")
+    summary = train.run(
+        load_config(args + ["distill.init_from_teacher=true", "distill.calibration_batches=2"])
+    )
+    scalars = _scalars(run_dir)
+    for tag in ("train/loss", "train/ce_loss", "train/kd_loss", "data/packing_efficiency", "val/loss"):
+        assert tag in scalars, sorted(scalars)
+    assert min(v for _, v in scalars["data/packing_efficiency"]) > 0.9
+    assert all(v > 0 for _, v in scalars["train/kd_loss"])
+    ckpt = torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")
+    assert {k.split(".")[1] for k in ckpt["state_dict"]} == {"llm"}  # no teacher, no vision
+    # resume continues the distillation run
+    more = train.run(load_config(args[:-1] + ["trainer.max_steps=5", f"resume_from={summary['last_ckpt']}"]))
+    assert more["global_step"] == 5
+
+
+def test_pruned_student_starts_closer_to_its_teacher_than_a_random_one(demo_dir, tmp_path, teacher_ckpt):
+    common = [f"distill.teacher={teacher_ckpt}", "trainer.max_steps=1", "optim.lr.llm=1e-9"]
+    pruned = train.run(
+        load_config(text_args(demo_dir, tmp_path / "a", *common, "distill.init_from_teacher=true"))
+    )
+    scratch = train.run(load_config(text_args(demo_dir, tmp_path / "b", *common)))
+    assert pruned["val_loss_before"] < scratch["val_loss_before"]
+
+
+def test_distill_without_teacher_or_on_images_is_refused(demo_dir, tmp_path, capsys):
+    assert train.main(text_args(demo_dir, tmp_path / "x")) == 2
+    assert "needs distill.teacher" in capsys.readouterr().err
+    args = text_args(
+        demo_dir, tmp_path / "y", "distill.teacher=tiny_teacher", "data.sources.text.kind=image_text"
+    )
+    assert train.main(args) == 2
+    assert "module=distill trains on text" in capsys.readouterr().err
