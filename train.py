@@ -9,6 +9,7 @@ Arguments are ``key=value`` overrides of the config (see README, "Config referen
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,8 @@ def run(cfg: DictConfig) -> dict:
         "train_seconds": f"{time.time() - start:.1f}",
     }
     if trainer.is_global_zero:
+        summary_path = Path(cfg.run_dir) / "summary.json"
+        summary_path.write_text(json.dumps({"stage": cfg.stage, "module": cfg.module, **summary}, indent=1))
         for key, value in summary.items():
             if value is not None:
                 print(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}", flush=True)

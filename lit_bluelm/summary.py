@@ -1,0 +1,58 @@
+"""Compare finished runs by the ``summary.json`` that ``train.py`` writes into each run directory.
+
+    python -m lit_bluelm.summary RUN_DIR [RUN_DIR ...] [--better RUN_A RUN_B]
+
+Prints one row per run (stage, objective, steps, validation loss before and after training).
+``--better A B`` also checks that run A ended with a lower ``val/loss`` than run B and exits 1
+when it did not (``make demo`` uses it: the distilled student must beat the one trained from
+scratch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def load_summary(run_dir: str) -> Dict:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found (has the run finished?)")
+    return json.loads(path.read_text())
+
+
+def _fmt(value: Optional[float]) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--better", nargs=2, metavar=("RUN_A", "RUN_B"), help="require A's val loss < B's")
+    args = parser.parse_args(argv)
+    print(
+        f"{'run':<32} {'stage':<8} {'module':<10} {'steps':>6} {'val_loss_before':>16} {'val_loss_after':>15}"
+    )
+    for run in args.runs:
+        s = load_summary(run)
+        print(
+            f"{run:<32} {s['stage']:<8} {s['module']:<10} {s['global_step']:>6} "
+            f"{_fmt(s['val_loss_before']):>16} {_fmt(s['val_loss_after']):>15}"
+        )
+    if args.better:
+        a, b = (load_summary(r)["val_loss_after"] for r in args.better)
+        ok = a < b
+        print(f"{args.better[0]} val/loss {a:.4f} {'<' if ok else '>='} {args.better[1]} val/loss {b:.4f}")
+        if not ok:
+            print("error: the first run is not better", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
