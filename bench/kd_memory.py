@@ -1,6 +1,6 @@
 """Peak memory of one CE + KD forward/backward, chunked vs naive, measured side by side.
 
-    python bench/kd_memory.py [--tokens 4096] [--vocab 151936] [--hidden 2560] [--chunk-size 512]
+    python bench/kd_memory.py [--tokens 4096] [--vocab 151936] [--hidden 2560] [--chunk-size 256]
 
 Both variants run the project's loss code (``lit_bluelm.objectives.distill``) on the same
 shapes: student and teacher hidden states [tokens, hidden], output weights [vocab, hidden], a
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=2560, help="hidden size (bluelm_3b: 2560)")
-    parser.add_argument("--chunk-size", type=int, default=512, help="loss.chunk_size")
+    parser.add_argument("--chunk-size", type=int, default=256, help="loss.chunk_size (default: its default)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     measure = peak_cuda if cuda else peak_fake

@@ -3,8 +3,8 @@
     python bench/packing.py [--batches 50] [key=value ...]
 
 Runs the real training DataLoader of ``stage=text`` (demo shards, written on first use) for
-``--batches`` batches and counts real tokens against row slots (``seq_len`` x rows, padding
-included): the same ratio training logs as ``data/packing_efficiency``. For comparison it also
+``--batches`` batches and counts real tokens against row slots (the padded batch width x rows,
+padding included): the same ratio training logs as ``data/packing_efficiency``. For comparison it also
 reports the unpacked ratio (one document per row, padded to the longest in the batch).
 The last line is ``packing=<efficiency>`` (target >= 0.98).
 """

@@ -2,8 +2,8 @@
 
 A packed row concatenates whole documents (each already ends with EOS). Its ``position_ids``
 restart at 0 for every document, which is what keeps attention inside a document: the model
-passes them with no attention mask and transformers derives a block-diagonal causal mask (or
-varlen flash attention) from the resets. The first token of every document after the first
+passes them with no attention mask and transformers derives a block-diagonal causal mask from
+the resets (SDPA, eager; flash attention would not, so packing refuses it). The first token of every document after the first
 gets no label, so the previous document's EOS never learns to predict an unrelated next
 document. Rows are filled best-fit from a buffer of pending documents: the oldest document
 opens a row (nothing waits forever), then the longest pending documents that still fit follow.

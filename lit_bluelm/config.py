@@ -347,9 +347,30 @@ def _validate_distill(cfg: DictConfig) -> None:
         raise ConfigError(f"distill.calibration_batches must be >= 1, got {d.calibration_batches}")
     if d.init_from_teacher and cfg.init_from:
         raise ConfigError("distill.init_from_teacher and init_from both set the starting weights: pick one")
+    if d.init_from_teacher and cfg.module != "distill":
+        raise ConfigError(f"distill.init_from_teacher needs module=distill, not {cfg.module}")
+    if d.keep_layers is not None and not d.init_from_teacher:
+        raise ConfigError("distill.keep_layers only applies with distill.init_from_teacher=true")
+    if d.init_from_teacher and d.quantize != "none":
+        raise ConfigError("distill.init_from_teacher copies teacher weights: use distill.quantize=none")
+    if cfg.model.text_only:
+        for name, src in cfg.data.sources.items():
+            if src.kind == "image_text" and cfg.data.mix.get(name, 0) > 0:
+                raise ConfigError(
+                    f"model.text_only has no vision tower, but data.sources.{name} is image_text"
+                )
+    if cfg.data.packing and cfg.model.llm.attn_implementation.startswith("flash"):
+        # transformers derives per-document (varlen) attention from position_ids only for a
+        # batch of one row with flash attention: packed batches would attend across documents
+        raise ConfigError(
+            "data.packing with model.llm.attn_implementation="
+            f"{cfg.model.llm.attn_implementation} would attend across documents; use sdpa or eager"
+        )
 
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+# no fp16: the chunked loss casts per-chunk logit gradients to the compute dtype before the
+# loss scale applies, where fp16 would flush small softmax terms to zero
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
 def _choice(cfg: DictConfig, key: str, valid: Sequence[str]) -> None:

@@ -46,6 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     if args.better:
         a, b = (load_summary(r)["val_loss_after"] for r in args.better)
+        if a is None or b is None:
+            print("error: --better needs both runs to have a validation loss", file=sys.stderr)
+            return 1
         ok = a < b
         print(f"{args.better[0]} val/loss {a:.4f} {'<' if ok else '>='} {args.better[1]} val/loss {b:.4f}")
         if not ok:

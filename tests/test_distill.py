@@ -60,6 +60,34 @@ def test_chunked_loss_and_gradients_match_the_naive_computation(opts, chunk_size
     assert chunked.kd > 0 and int(chunked.count) == n
 
 
+def test_no_grad_path_and_bf16_autocast_agree_with_naive():
+    g = torch.Generator().manual_seed(2)
+    n, d, v = 40, 16, 64
+    hidden = torch.randn(n, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, requires_grad=True)
+    teacher = (
+        torch.randn(n, 8, generator=g),
+        Head(torch.randn(v, 8, generator=g), torch.randn(v, generator=g)),
+    )
+    targets = torch.randint(0, v, (n,), generator=g)
+    opts = KDOptions(alpha=0.4, temperature=2.0)
+    with torch.no_grad():  # validation: no gradient buffers, same values
+        fast = chunked_linear_loss(hidden, Head(weight), targets, *teacher, opts=opts, chunk_size=7)
+    ref = naive_linear_loss(hidden, Head(weight), targets, *teacher, opts=opts)
+    for a, b in zip(fast[:3], ref[:3], strict=True):
+        torch.testing.assert_close(a, b.detach())
+    assert not fast.loss.requires_grad
+    grads = []
+    for fn, extra in ((chunked_linear_loss, {"chunk_size": 16}), (naive_linear_loss, {})):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(hidden, Head(weight), targets, *teacher, opts=opts, **extra)
+        out.loss.backward()
+        grads.append((out.loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=2e-2)
+
+
 def test_hand_made_values():
     # one token, vocabulary 2, identity head: logits are the hidden state itself
     head = Head(torch.eye(2))
@@ -114,27 +142,38 @@ TEACHER = dict(num_hidden_layers=6, intermediate_size=64, num_attention_heads=4,
 
 def test_width_pruning_keeps_the_paths_that_carry_signal():
     teacher = _llm(**TEACHER)
-    with torch.no_grad():  # dead MLP channels 32.. and a dead KV group (heads 2 and 3) everywhere
+    with torch.no_grad():  # dead MLP channels 32.. and a dead KV group 0 (heads 0 and 1) everywhere
         for layer in teacher.model.layers:
             layer.mlp.up_proj.weight[32:] = 0
-            layer.self_attn.v_proj.weight[32:64] = 0
-            layer.self_attn.v_proj.bias[32:64] = 0
+            layer.self_attn.v_proj.weight[:32] = 0
+            layer.self_attn.v_proj.bias[:32] = 0
+    # one KV group and ONE query head per group (the teacher has two): the group offset matters
     student = _llm(
-        num_hidden_layers=6, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=32
+        num_hidden_layers=6, intermediate_size=32, num_attention_heads=1, num_key_value_heads=1, head_dim=32
     )
     ids = torch.randint(0, 1000, (2, 12))
     importance = measure_importance(teacher, [{"input_ids": ids}])
     assert importance.channels.shape == (6, 64) and importance.heads.shape == (6, 4)
+    assert (importance.heads[:, :2] == 0).all() and (importance.heads[:, 2:] > 0).all()
     report = prune_into(teacher, student, importance)
-    assert report["heads"] == [[0, 1]] * 6 and report["channels"] == [32] * 6
+    assert report["channels"] == [32] * 6
+    kept = [h for (h,) in report["heads"]]
+    assert all(h == 2 + int(importance.heads[i, 3] > importance.heads[i, 2]) for i, h in enumerate(kept))
     layer = student.model.layers[0]
-    assert layer.self_attn.q_proj.weight.shape == (64, 128) and layer.self_attn.k_proj.weight.shape == (
+    assert layer.self_attn.q_proj.weight.shape == (32, 128) and layer.self_attn.k_proj.weight.shape == (
         32,
         128,
     )
     assert layer.mlp.down_proj.weight.shape == (128, 32)
-    with torch.no_grad():  # what was cut carried nothing: the outputs are the teacher's
-        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
+    # reference: the teacher with every dropped head silenced at o_proj; the dead paths carry
+    # nothing, so the pruned student computes exactly what it computes
+    reference = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for layer, h in zip(reference.model.layers, kept, strict=True):
+            keep = torch.zeros(128, dtype=torch.bool)
+            keep[h * 32 : (h + 1) * 32] = True
+            layer.self_attn.o_proj.weight[:, ~keep] = 0
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_depth_pruning_equals_the_teacher_without_the_dropped_layers():
@@ -241,7 +280,12 @@ def test_text_stage_distils_packs_and_keeps_the_teacher_out_of_checkpoints(demo_
     ckpt = torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")
     assert {k.split(".")[1] for k in ckpt["state_dict"]} == {"llm"}  # no teacher, no vision
     # resume continues the distillation run
-    more = train.run(load_config(args[:-1] + ["trainer.max_steps=5", f"resume_from={summary['last_ckpt']}"]))
+    resume = args[:-1] + [
+        "distill.init_from_teacher=true",
+        "trainer.max_steps=5",
+        f"resume_from={summary['last_ckpt']}",
+    ]
+    more = train.run(load_config(resume))  # resuming skips pruning and continues the run
     assert more["global_step"] == 5
 
 
@@ -254,11 +298,31 @@ def test_pruned_student_starts_closer_to_its_teacher_than_a_random_one(demo_dir,
     assert pruned["val_loss_before"] < scratch["val_loss_before"]
 
 
+def test_bad_distillation_settings_stop_at_start_up(demo_dir, tmp_path, capsys):
+    cases = [
+        (["distill.teacher=tiny_teacher", "distill.quantize=8bit"], "Hugging Face directory"),
+        (
+            ["distill.teacher=tiny", "distill.init_from_teacher=true", "model=tiny_teacher"],
+            "num_hidden_layers",
+        ),
+        (["distill.keep_layers=[0,1]"], "only applies with distill.init_from_teacher"),
+        (["module=next_token", "distill.init_from_teacher=true"], "needs module=distill"),
+        (["model.llm.attn_implementation=flash_attention_2"], "attend across documents"),
+        (["distill.init_from_teacher=true", "distill.quantize=4bit"], "quantize=none"),
+    ]
+    for extra, message in cases:
+        # max_steps=1: a case that wrongly passes the checks ends quickly
+        assert train.main(text_args(demo_dir, tmp_path / "z", "trainer.max_steps=1", *extra)) == 2, extra
+        assert message in capsys.readouterr().err, extra
+
+
 def test_distill_without_teacher_or_on_images_is_refused(demo_dir, tmp_path, capsys):
     assert train.main(text_args(demo_dir, tmp_path / "x")) == 2
     assert "needs distill.teacher" in capsys.readouterr().err
     args = text_args(
         demo_dir, tmp_path / "y", "distill.teacher=tiny_teacher", "data.sources.text.kind=image_text"
     )
-    assert train.main(args) == 2
+    assert train.main(args + ["model.text_only=false"]) == 2
     assert "module=distill trains on text" in capsys.readouterr().err
+    assert train.main(args) == 2
+    assert "model.text_only has no vision tower" in capsys.readouterr().err

@@ -49,3 +49,23 @@ def test_fsdp_fit_two_processes_then_resume(demo_dir, tmp_path):
     load_model_weights(model, last)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, state[name])
+
+
+def test_fsdp_distillation_with_pruning_init(demo_dir, tmp_path):
+    from tests.test_distill import text_args
+
+    run_dir = tmp_path / "fsdp_text"
+    args = text_args(
+        demo_dir,
+        run_dir,
+        "trainer.strategy=fsdp",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "distill.teacher=tiny_teacher",
+        "distill.init_from_teacher=true",
+        "distill.calibration_batches=1",
+    )
+    out = _train(args)
+    assert out["global_step"] == "2"
+    state = read_model_state(run_dir / "checkpoints" / "last.ckpt")
+    assert {k.split(".")[0] for k in state} == {"llm"}  # the teacher is never saved

@@ -61,7 +61,7 @@ def test_collator_pads_position_ids_as_their_own_segment():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_row_matches_documents_run_one_by_one(attn):
-    cfg = load_config(["model.text_only=true", f"model.llm.attn_implementation={attn}"]).model
+    cfg = load_config(["stage=text", f"model.llm.attn_implementation={attn}"]).model
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     docs = [_doc(5, start=3), _doc(7, start=200), _doc(3, start=600)]
@@ -89,9 +89,29 @@ def test_packed_row_matches_documents_run_one_by_one(attn):
     torch.testing.assert_close(parts.ce, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_batch_of_several_rows_keeps_documents_apart():
+    cfg = load_config(["stage=text"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    rows = [
+        [_doc(5, start=3), _doc(7, start=200)],
+        [_doc(4, start=700), _doc(2, start=50), _doc(6, start=90)],
+    ]
+    batch = Collator(pad_token_id=0, pad_to_multiple=8)([join(r) for r in rows])
+    with torch.no_grad():
+        packed = model(batch["input_ids"], position_ids=batch["position_ids"])
+        for b, docs in enumerate(rows):
+            offset = 0
+            for doc in docs:
+                n = len(doc["input_ids"])
+                alone = model(doc["input_ids"][None])[0]
+                torch.testing.assert_close(packed[b, offset : offset + n], alone, atol=1e-5, rtol=1e-5)
+                offset += n
+
+
 def test_without_position_resets_documents_would_see_each_other():
     # guards the test above: the same row with plain positions gives different logits
-    cfg = load_config(["model.text_only=true"]).model
+    cfg = load_config(["stage=text"]).model
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     row = join([_doc(5, start=3), _doc(7, start=200)])

@@ -108,7 +108,7 @@ class BlueLM(nn.Module):
         without materialising full logits (chunked CE/KD). It runs inside this forward, so under
         FSDP the head's weight is gathered while it is used. Packed rows pass ``position_ids``
         that restart at every document and no ``attention_mask``: transformers then builds a
-        block-diagonal causal mask (or varlen attention) from the position resets.
+        block-diagonal causal mask from the position resets (SDPA, eager).
         """
         embeds = self.embed(input_ids, pixel_values)
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)

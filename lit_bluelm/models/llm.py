@@ -44,8 +44,8 @@ def llm_config(cfg: LLMConfig) -> PretrainedConfig:
 
 def check_output_head(hf_cfg: PretrainedConfig) -> None:
     """The chunked loss computes logits as ``hidden @ W.T + b``; refuse heads that do more."""
-    for key in ("final_logit_softcapping", "logit_scale"):
-        if getattr(hf_cfg, key, None):
+    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0)):
+        if getattr(hf_cfg, key, None) not in (None, 0, neutral):
             raise ConfigError(
                 f"model.llm: {hf_cfg.model_type} applies {key} to its logits, which the chunked "
                 "loss (loss.chunk_size) does not model"

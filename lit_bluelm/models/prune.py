@@ -147,15 +147,33 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:k]), dtype=torch.long)
 
 
-def choose_layers(imp: Importance, keep: int, keep_layers: Optional[Sequence[int]]) -> List[int]:
-    total = len(imp.layers)
+def check_prunable(teacher_cfg, student_cfg, keep_layers: Optional[Sequence[int]] = None) -> None:
+    """Can the student (a transformers config) be cut out of the teacher? Checked at start-up."""
+    t, s = _dims(teacher_cfg), _dims(student_cfg)
+    for key in ("hidden", "head_dim"):
+        if s[key] != t[key]:
+            raise ConfigError(
+                f"distill.init_from_teacher: student {key} {s[key]} != teacher {t[key]} (not pruned)"
+            )
+    for what, small, big in (
+        ("num_hidden_layers", s["layers"], t["layers"]),
+        ("num_key_value_heads", s["kv"], t["kv"]),
+        ("query heads per KV group", s["heads"] // s["kv"], t["heads"] // t["kv"]),
+        ("intermediate_size", s["inter"], t["inter"]),
+    ):
+        if small > big:
+            raise ConfigError(f"distill.init_from_teacher: student {what} {small} > teacher {big}")
     if keep_layers is not None:
-        chosen = list(keep_layers)
+        chosen, keep, total = list(keep_layers), s["layers"], t["layers"]
         if len(chosen) != keep or len(set(chosen)) != keep or not all(0 <= i < total for i in chosen):
             raise ConfigError(
                 f"distill.keep_layers: need {keep} distinct teacher layers in [0, {total}), got {chosen}"
             )
-        return sorted(chosen)
+
+
+def choose_layers(imp: Importance, keep: int, keep_layers: Optional[Sequence[int]]) -> List[int]:
+    if keep_layers is not None:  # validated by check_prunable
+        return sorted(keep_layers)
     return _top(imp.layers, keep).tolist()
 
 
@@ -168,22 +186,10 @@ def prune_into(
 ) -> Dict[str, object]:
     """Copy the teacher's most important structure into ``student`` (built at its target
     shapes). Returns what was kept (teacher layer indices, heads and channels per layer)."""
+    check_prunable(teacher.config, student.config, keep_layers)
     t, s = _dims(teacher.config), _dims(student.config)
     t_layers, s_layers = _layers(teacher), _layers(student)
-    for key in ("hidden", "head_dim"):
-        if s[key] != t[key]:
-            raise ConfigError(
-                f"distill.init_from_teacher: student {key} {s[key]} != teacher {t[key]} (not pruned)"
-            )
     g_t, g_s = t["heads"] // t["kv"], s["heads"] // s["kv"]
-    for what, small, big in (
-        ("num_hidden_layers", s["layers"], t["layers"]),
-        ("num_key_value_heads", s["kv"], t["kv"]),
-        ("query heads per KV group", g_s, g_t),
-        ("intermediate_size", s["inter"], t["inter"]),
-    ):
-        if small > big:
-            raise ConfigError(f"distill.init_from_teacher: student {what} {small} > teacher {big}")
     layers = choose_layers(imp, s["layers"], keep_layers)
     hd = t["head_dim"]
     report: Dict[str, object] = {"layers": layers, "heads": [], "channels": []}

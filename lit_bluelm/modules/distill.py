@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from lit_bluelm.config import ConfigError
 from lit_bluelm.models import BlueLM
 from lit_bluelm.models.llm import llm_config
-from lit_bluelm.models.prune import measure_importance, prune_into, reduce_importance
+from lit_bluelm.models.prune import check_prunable, measure_importance, prune_into, reduce_importance
 from lit_bluelm.modules.base import Batch, BlueLMModule
 from lit_bluelm.modules.teacher import build_teacher, check_teacher, resolve_teacher
 from lit_bluelm.objectives import Head, KDOptions
@@ -48,7 +48,19 @@ class DistillModule(BlueLMModule):
             if src.kind == "image_text" and cfg.data.mix[name] > 0:
                 raise ConfigError(f"module=distill trains on text: data.sources.{name} is {src.kind}")
         source = resolve_teacher(cfg.distill.teacher)
-        check_teacher(source, llm_config(cfg.model.llm).vocab_size, tokenizer)
+        student = llm_config(cfg.model.llm)
+        check_teacher(source, student.vocab_size, tokenizer)
+        if cfg.distill.init_from_teacher:
+            check_prunable(source.hf_config, student, cfg.distill.keep_layers)
+        if cfg.distill.quantize != "none":
+            if source.llm.name != "from_pretrained":
+                raise ConfigError("distill.quantize needs a Hugging Face directory as distill.teacher")
+            if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+                raise ConfigError(f"distill.quantize={cfg.distill.quantize} needs a GPU (bitsandbytes)")
+        if cfg.data.packing and str(source.llm.attn_implementation).startswith("flash"):
+            raise ConfigError(
+                "distill.teacher uses flash attention, which would attend across packed documents"
+            )
 
     # ------------------------------------------------------------------ teacher
 
@@ -68,8 +80,11 @@ class DistillModule(BlueLMModule):
         d = self.cfg.distill
         if not d.init_from_teacher or self.cfg.resume_from:
             return super().initialize(model)
-        loader = self.trainer.datamodule.train_dataloader()
-        batches = list(itertools.islice(loader, d.calibration_batches))
+        # configure_model may run under the accelerator's default-device context; the loader
+        # (and its forked workers) must build CPU tensors
+        with torch.device("cpu"):
+            loader = self.trainer.datamodule.train_dataloader()
+            batches = list(itertools.islice(loader, d.calibration_batches))
         importance = reduce_importance(measure_importance(teacher, batches))
         report = prune_into(teacher, model.llm, importance, d.keep_layers)
         rank_zero_info(

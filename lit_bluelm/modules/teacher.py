@@ -93,7 +93,7 @@ def check_teacher(source: TeacherSource, student_vocab: int, tokenizer) -> None:
 def build_teacher(source: TeacherSource, dtype: torch.dtype, quantize: str = "none") -> PreTrainedModel:
     """The teacher LLM in eval mode, every parameter frozen."""
     if quantize != "none":
-        teacher = _quantized(source, quantize)
+        teacher = _quantized(source, quantize, dtype)
     else:
         teacher = LLMS[source.llm.name](source.llm)
         if source.weights is not None:
@@ -117,7 +117,7 @@ def build_teacher(source: TeacherSource, dtype: torch.dtype, quantize: str = "no
     return teacher
 
 
-def _quantized(source: TeacherSource, quantize: str) -> PreTrainedModel:
+def _quantized(source: TeacherSource, quantize: str, dtype: torch.dtype) -> PreTrainedModel:
     if source.llm.name != "from_pretrained":
         raise ConfigError("distill.quantize needs a Hugging Face directory as distill.teacher")
     if not torch.cuda.is_available():
@@ -131,5 +131,9 @@ def _quantized(source: TeacherSource, quantize: str) -> PreTrainedModel:
     )
     device = torch.cuda.current_device()
     return AutoModelForCausalLM.from_pretrained(
-        source.llm.path, local_files_only=True, quantization_config=bits, device_map={"": device}
+        source.llm.path,
+        local_files_only=True,
+        quantization_config=bits,
+        device_map={"": device},
+        dtype=dtype,  # the parts bitsandbytes leaves unquantized (embeddings, norms, head)
     )

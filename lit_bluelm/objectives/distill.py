@@ -139,7 +139,9 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         # the [V, D] weight gradient) and hands them over, so the node runs backward once only
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return loss, ce_total / max(n, 1), kd_total / max(n, 1)
+        ce_mean, kd_mean = ce_total / max(n, 1), kd_total / max(n, 1)
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return loss, ce_mean, kd_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
@@ -184,10 +186,31 @@ def chunked_linear_loss(
     teacher_hidden = teacher_hidden.detach() if teacher_hidden is not None else None
     if teacher_head is not None:
         teacher_head = Head(*(x.detach() if x is not None else None for x in teacher_head))
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, head.weight, head.bias)
+    )
+    if not wants_grad:  # validation: sums only, no gradient buffers
+        return _chunked_sums(hidden, head, targets, teacher_hidden, teacher_head, opts, chunk_size)
     loss, ce, kd = _ChunkedLinearLoss.apply(
         hidden, head.weight, head.bias, targets, teacher_hidden, teacher_head, opts, chunk_size
     )
     return LossParts(loss, ce, kd, torch.tensor(hidden.shape[0], device=hidden.device))
+
+
+@torch.no_grad()
+def _chunked_sums(hidden, head, targets, teacher_hidden, teacher_head, opts, chunk_size) -> LossParts:
+    n = hidden.shape[0]
+    ce_total = hidden.new_zeros((), dtype=torch.float32)
+    kd_total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        stop = start + chunk_size
+        t_logits = teacher_head.logits(teacher_hidden[start:stop]) if teacher_hidden is not None else None
+        ce, kd = ce_kd_sums(head.logits(hidden[start:stop]), targets[start:stop], t_logits, opts)
+        ce_total += ce
+        kd_total += kd
+    loss = _combine(ce_total, kd_total, n, opts, teacher_hidden is not None)
+    count = torch.tensor(n, device=hidden.device)
+    return LossParts(loss, ce_total / max(n, 1), kd_total / max(n, 1), count)
 
 
 def naive_linear_loss(
