@@ -34,9 +34,9 @@ def data_args(root: Path) -> List[str]:
     return args
 
 
-def tiny_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
-    """A fast tiny joint run: small batches, 1 loader worker, no progress bar."""
-    return data_args(root) + [
+def run_args(run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny run: small batches, 1 loader worker, no progress bar."""
+    return [
         f"run_dir={run_dir}",
         "data.batch_size=4",
         "data.num_workers=1",
@@ -47,3 +47,21 @@ def tiny_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
         "trainer.log_every_n_steps=1",
         *extra,
     ]
+
+
+def tiny_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny joint run on a demo folder."""
+    return data_args(root) + run_args(run_dir, *extra)
+
+
+def text_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny text (stage 1) run on a demo folder."""
+    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
+    data = [
+        "stage=text",
+        f"tokenizer.path={root}/tokenizer",
+        f"data.demo_dir={root}",
+        f"data.sources.text.train={root}/train/text-{{000000..{t:06d}}}.tar",
+        f"data.sources.text.val={root}/val/text-{{000000..{v:06d}}}.tar",
+    ]
+    return data + run_args(run_dir, *extra)

@@ -21,7 +21,7 @@ from lit_bluelm.objectives import (
     next_token_loss,
 )
 from lit_bluelm.tokenizer import load_tokenizer
-from tests.conftest import SMALL
+from tests.conftest import SMALL, text_args
 from tests.test_train import _scalars
 
 # ----------------------------------------------------------------------------- loss math
@@ -235,26 +235,6 @@ def test_quantized_teacher_needs_a_gpu_and_a_hf_directory():
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def text_args(root, run_dir, *extra):
-    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
-    return [
-        "stage=text",
-        f"tokenizer.path={root}/tokenizer",
-        f"data.demo_dir={root}",
-        f"data.sources.text.train={root}/train/text-{{000000..{t:06d}}}.tar",
-        f"data.sources.text.val={root}/val/text-{{000000..{v:06d}}}.tar",
-        f"run_dir={run_dir}",
-        "data.batch_size=4",
-        "data.num_workers=1",
-        "data.seq_len=128",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_val_batches=2",
-        "trainer.log_every_n_steps=1",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from lit_bluelm.config import load_config
 from lit_bluelm.models import build_model
 from lit_bluelm.modules.weights import load_model_weights, read_model_state
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, text_args, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,6 @@ def test_fsdp_fit_two_processes_then_resume(demo_dir, tmp_path):
 
 
 def test_fsdp_distillation_with_pruning_init(demo_dir, tmp_path):
-    from tests.test_distill import text_args
-
     run_dir = tmp_path / "fsdp_text"
     args = text_args(
         demo_dir,
