@@ -1,18 +1,44 @@
-"""The WebDataset LightningDataModule: mixed, streamed, padded batches for every stage."""
+"""The WebDataset LightningDataModule: mixed, streamed, padded batches for every stage, with an
+exactly resumable training stream.
+
+Resuming: every training batch carries the state of the reader slot that produced it. The
+training module hands each consumed batch's state to :meth:`BlueLMDataModule.consumed`; the
+datamodule's ``state_dict`` (stored by Lightning in every checkpoint) gathers those states from
+all ranks, with each rank's torch/numpy/python RNG states and the adaptive-weight log. On resume
+``load_state_dict`` gives each rank its own part before the training stream is created.
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from datamodules.collate import Collator
-from datamodules.streams import MixedStream, build_sources, reader_shards
+from datamodules.streams import MixedStream, MixtureWeights, build_sources, reader_shards
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import load_tokenizer
+
+PREFETCH = 2  # DataLoader prefetch_factor: batches requested ahead per worker
+
+
+def schedule_points(cfg: DictConfig, names: Sequence[str]) -> List[tuple]:
+    """``data.schedule`` as (step, [weight per source]); sources a point omits keep ``data.mix``."""
+    points = []
+    for i, point in enumerate(cfg.data.schedule):
+        step = point.step if point.step is not None else round(point.at * cfg.trainer.max_steps)
+        points.append((step, [float(point.mix.get(n, cfg.data.mix[n])) for n in names]))
+        if i and points[-1][0] < points[-2][0]:
+            raise ValueError("data.schedule: points must be in step order")  # validate() checks first
+    return points
 
 
 class BlueLMDataModule(L.LightningDataModule):
@@ -27,13 +53,30 @@ class BlueLMDataModule(L.LightningDataModule):
         self.train_sources = build_sources(cfg, "train")
         self.val_sources = build_sources(cfg, "val")
         self.collate = Collator(self.processor.pad_token_id)
+        names = [s.name for s in self.train_sources]
+        self.weights = MixtureWeights(
+            names,
+            [s.weight for s in self.train_sources],
+            [s.repeat for s in self.train_sources],
+            schedule_points(cfg, names),
+            cfg.trainer.accumulate_grad_batches,
+        )
+        self._slots: Dict[int, Any] = {}  # slot -> state after the last consumed batch it produced
+        self._consumed = 0  # rank-local training batches consumed
+        self._resume: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ loaders
 
     def setup(self, stage: str) -> None:
         # each reader (rank x worker) needs its own training shards; say so before any worker starts
         rank, world = self._rank_world()
-        readers = world * max(1, self.cfg.data.num_workers)
+        readers = world * self.workers
         for src in self.train_sources:
             reader_shards(src.urls, rank, readers, strict=True, key=f"data.sources.{src.name}.train")
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.cfg.data.num_workers)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -53,12 +96,16 @@ class BlueLMDataModule(L.LightningDataModule):
             train,
             packing=data.packing,
             pack_buffer=data.pack_buffer,
+            batch_size=batch_size,
+            weights=self.weights if train else None,
+            resume=self._resume if train else None,
         )
         return DataLoader(
             stream,
             batch_size=batch_size,
             collate_fn=self.collate,
             num_workers=data.num_workers,
+            prefetch_factor=PREFETCH if data.num_workers else None,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -70,3 +117,74 @@ class BlueLMDataModule(L.LightningDataModule):
             return []
         batch = self.cfg.data.val_batch_size or self.cfg.data.batch_size
         return self._loader(self.val_sources, batch, train=False)
+
+    # ------------------------------------------------------------------ progress and resume
+
+    def consumed(self, data_state: Dict[str, Any]) -> None:
+        """Called by the training module for every training batch it trains on."""
+        self._slots[int(data_state["slot"])] = data_state["state"]
+        self._consumed = int(data_state["batch"]) + 1
+
+    @property
+    def consumed_batches(self) -> int:
+        return self._consumed
+
+    def first_unproduced_batch(self) -> int:
+        """The earliest batch index no worker can have started yet: workers run at most
+        ``PREFETCH`` batches each ahead, and Lightning fetches one more."""
+        ahead = PREFETCH * self.cfg.data.num_workers if self.cfg.data.num_workers else 0
+        return self._consumed + ahead + 2
+
+    def state_dict(self) -> Dict[str, Any]:
+        rank, world = self._rank_world()
+        local = {
+            "layout": [world, self.workers],
+            "consumed": self._consumed,
+            "slots": dict(self._slots),
+            "rng": _rng_state(),
+        }
+        ranks = [local]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, local)  # Lightning writes rank 0's checkpoint only
+        return {"ranks": ranks, "weight_log": self.weights.rows()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        rank, world = self._rank_world()
+        self.weights.load_rows(state.get("weight_log", []))
+        ranks = state.get("ranks", [])
+        mine = ranks[rank] if rank < len(ranks) else None
+        if mine is None or list(mine["layout"]) != [world, self.workers] or len(ranks) != world:
+            saved = mine["layout"] if mine else None
+            warnings.warn(
+                f"data: the checkpoint's layout (ranks, workers) {saved} differs from this run's "
+                f"{[world, self.workers]}; the training streams restart from data.seed",
+                stacklevel=2,
+            )
+            return
+        self._resume = {"consumed": mine["consumed"], "slots": {int(k): v for k, v in mine["slots"].items()}}
+        self._consumed = mine["consumed"]
+        self._slots = dict(self._resume["slots"])
+        _set_rng_state(mine["rng"])
+
+
+def _rng_state() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],  # plain lists: weights_only loads
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

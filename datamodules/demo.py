@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Tuple
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from lit_bluelm.chat import cot_messages, render_chat
 from lit_bluelm.tokenizer import train_tokenizer
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
@@ -37,6 +38,18 @@ SHAPES = ("circle", "square", "triangle")
 CANVASES = ((112, 112), (224, 112), (112, 224), (224, 224))  # varied aspect ratios for AnyRes
 CELL = 56
 MARKER = ".complete"
+VERSION = 2  # bumped when the content changes (2: chain-of-thought shards); older sets are rewritten
+
+
+def is_current(out: str | Path) -> bool:
+    """Is ``out`` a complete demo set of this version?"""
+    marker = Path(out) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("version") == VERSION
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,47 @@ def addition_text(rng: random.Random) -> str:
     return f"Question: What is {a} + {b}? Solution: {' '.join(steps)} The answer is {a + b}."
 
 
+def addition_cot(rng: random.Random) -> Dict[str, str]:
+    """Two-digit addition with the digit-by-digit working as the thinking."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    steps = [f"Ones: {a % 10} + {b % 10} = {ones}" + (f", write {ones % 10}, carry 1." if carry else ".")]
+    tens = a // 10 + b // 10 + carry
+    steps.append(f"Tens: {a // 10} + {b // 10}" + (" + 1" if carry else "") + f" = {tens}.")
+    steps.append(f"So {a} + {b} = {a + b}.")
+    return {
+        "question": f"What is {a} + {b}?",
+        "thinking": " ".join(steps),
+        "answer": str(a + b),
+        "task": "arithmetic",
+    }
+
+
+def counting_cot(rng: random.Random) -> Dict[str, str]:
+    """Counting the shapes of one colour in a described scene, one object at a time."""
+    objects = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.randint(2, 5))]
+    color = rng.choice([c for c, _ in objects] + [rng.choice(list(COLORS))])
+    described = _join([f"a {c} {s}" for c, s in objects])
+    steps, count = [], 0
+    for c, s in objects:
+        if c == color:
+            count += 1
+            steps.append(f"The {c} {s} is {color}: {count}.")
+        else:
+            steps.append(f"The {c} {s} is not {color}.")
+    return {
+        "question": f"There are {described}. How many {color} shapes are there?",
+        "thinking": " ".join(steps + [f"That makes {count}."]),
+        "answer": str(count),
+        "task": "counting",
+    }
+
+
+def cot_sample(rng: random.Random) -> Dict[str, str]:
+    return addition_cot(rng) if rng.random() < 0.5 else counting_cot(rng)
+
+
 def text_sample(rng: random.Random, table: List[Dict[str, str]]) -> Tuple[str, Dict]:
     if rng.random() < 0.5:
         return fact_text(rng, table), {"task": "fact"}
@@ -191,11 +245,19 @@ def _text_samples(rng: random.Random, prefix: str, n: int, table, texts: List[st
             yield {"__key__": key, "json": json.dumps({"text": text, **meta}).encode()}
 
 
+def _cot_samples(rng: random.Random, prefix: str, n: int, texts: List[str]) -> Iterator[Dict]:
+    for i in range(n):
+        sample = cot_sample(rng)
+        texts.append(render_chat(cot_messages(sample["question"], sample["thinking"], sample["answer"])))
+        yield {"__key__": f"{prefix}-{i:05d}", "json": json.dumps(sample).encode()}
+
+
 def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False) -> Path:
     """Write the demo shards and tokenizer to ``out`` (atomically: a crash leaves no half set)."""
     out = Path(out)
-    if (out / MARKER).exists() and not force:
+    if is_current(out) and not force:
         return out
+    force = force or out.exists()  # an older version is replaced
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
@@ -218,8 +280,12 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
                 tmp / split / f"text-{s:06d}.tar",
                 _text_samples(rng, f"{split}-tx{s}", per_shard, table, texts),
             )
+            rng = random.Random(f"{spec.seed}/{split}/cot/{s}")
+            _write_shard(
+                tmp / split / f"cot-{s:06d}.tar", _cot_samples(rng, f"{split}-cot{s}", per_shard, texts)
+            )
     train_tokenizer(train_texts, spec.vocab_size, tmp / "tokenizer")
-    (tmp / MARKER).write_text(json.dumps(spec.__dict__))
+    (tmp / MARKER).write_text(json.dumps({"version": VERSION, **spec.__dict__}))
     if force:
         shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +296,7 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
         if not (out / MARKER).exists():
             raise
     print(
-        f"demo data: wrote {2 * (spec.train_shards + spec.val_shards)} shards and a tokenizer "
+        f"demo data: wrote {3 * (spec.train_shards + spec.val_shards)} shards and a tokenizer "
         f"to {out} in {time.time() - start:.1f}s",
         flush=True,
     )
@@ -246,7 +312,7 @@ def uses_demo_data(cfg) -> bool:
 
 def ensure_demo_data(cfg) -> None:
     """Write the demo data on first use of a config that points into ``data.demo_dir``."""
-    if uses_demo_data(cfg) and not (Path(cfg.data.demo_dir) / MARKER).exists():
+    if uses_demo_data(cfg) and not is_current(cfg.data.demo_dir):
         write_demo(cfg.data.demo_dir)
 
 

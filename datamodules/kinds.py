@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from PIL import Image
 
+from lit_bluelm.chat import cot_messages, render_chat
 from lit_bluelm.objectives.lm import IGNORE_INDEX
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import IMAGE
@@ -77,11 +78,7 @@ def encode_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -
     """``txt`` (or ``json`` with a ``text`` field) -> tokens + EOS, whole: a document longer than
     ``seq_len`` is split into pieces later (``datamodules.packing``), never cut or dropped."""
     meta = decode_json(raw)
-    text = decode_text(raw, meta)
-    if IMAGE in text:
-        raise SampleError(f"text sample contains the reserved marker {IMAGE}")
-    encoded = processor.encode(text, add_eos=True)
-    return _example(encoded.input_ids, None, meta, processor.image_token_id)
+    return _encode_plain(decode_text(raw, meta), meta, processor)
 
 
 def encode_image_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
@@ -98,7 +95,42 @@ def encode_image_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: 
     return _example(ids, encoded.pixel_values, meta, processor.image_token_id)
 
 
+def _json_field(meta: Dict[str, Any], key: str, kind: type) -> Any:
+    value = meta.get(key)
+    if not isinstance(value, kind):
+        raise SampleError(f"json member needs a '{key}' {kind.__name__} field")
+    return value
+
+
+def _encode_plain(text: str, meta: Dict[str, Any], processor: BlueLMProcessor) -> Example:
+    if IMAGE in text:
+        raise SampleError(f"text sample contains the reserved marker {IMAGE}")
+    encoded = processor.encode(text, add_eos=True)
+    return _example(encoded.input_ids, None, meta, processor.image_token_id)
+
+
+def encode_chat(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
+    """``json`` with ``messages`` [{role, content}] -> the chat format + EOS (every token is a
+    target here; assistant-only targets are the SFT stage's)."""
+    meta = decode_json(raw)
+    try:
+        text = render_chat(_json_field(meta, "messages", list))
+    except ValueError as err:
+        raise SampleError(str(err)) from None
+    return _encode_plain(text, meta, processor)
+
+
+def encode_cot(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
+    """``json`` with ``question``, ``thinking`` and ``answer`` -> a user turn and an assistant turn
+    that reasons inside ``<think>`` ... ``</think>`` before answering."""
+    meta = decode_json(raw)
+    fields = [_json_field(meta, k, str) for k in ("question", "thinking", "answer")]
+    return _encode_plain(render_chat(cot_messages(*fields)), meta, processor)
+
+
 SAMPLE_KINDS: Dict[str, Callable[[Dict[str, Any], BlueLMProcessor, int], Example]] = {
     "text": encode_text,
     "image_text": encode_image_text,
+    "chat": encode_chat,
+    "cot": encode_cot,
 }

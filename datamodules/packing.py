@@ -11,7 +11,7 @@ opens a row (nothing waits forever), then the longest pending documents that sti
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -36,12 +36,6 @@ def split_long(example: Example, seq_len: int) -> List[Example]:
     return pieces
 
 
-def split_stream(examples: Iterable[Example], seq_len: int) -> Iterator[Example]:
-    """Unpacked rows: every document, long ones split into ``seq_len`` pieces."""
-    for example in examples:
-        yield from split_long(example, seq_len)
-
-
 def join(docs: List[Example]) -> Example:
     """One packed row from documents whose total length fits."""
     labels = []
@@ -59,30 +53,50 @@ def join(docs: List[Example]) -> Example:
         "pixel_values": torch.cat(tiles) if tiles else None,
         "task": docs[0].get("task", ""),
         "source": docs[0].get("source", ""),
+        "sources": [d.get("source", "") for d in docs],
         "key": "+".join(str(d.get("key", "")) for d in docs),
         "skipped": sum(int(d.get("skipped", 0)) for d in docs),
         "documents": len(docs),
     }
 
 
-def pack_stream(examples: Iterable[Example], seq_len: int, buffer_size: int) -> Iterator[Example]:
-    """Rows of at most ``seq_len`` tokens, each holding whole documents (or pieces of long ones)."""
-    source = iter(examples)
-    pending: List[Example] = []
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < buffer_size:
+class RowBuilder:
+    """Rows from a document source: packed best-fit, or one document (piece) per row.
+
+    ``pending`` holds documents (and pieces of split ones) not yet placed in a row; its state is
+    their references, so a restored builder re-encodes exactly the same documents.
+    """
+
+    def __init__(self, seq_len: int, packing: bool, buffer_size: int) -> None:
+        self.seq_len = seq_len
+        self.packing = packing
+        self.buffer_size = buffer_size if packing else 1
+        self.pending: List[Example] = []
+
+    def _fill(self, next_doc: Callable[[], Example]) -> None:
+        while len(self.pending) < self.buffer_size:
             try:
-                pending.extend(split_long(next(source), seq_len))
+                doc = next_doc()
             except StopIteration:
-                exhausted = True
-        if not pending:
-            return
-        row = [pending.pop(0)]
-        space = seq_len - len(row[0]["input_ids"])
+                return
+            pieces = split_long(doc, self.seq_len)
+            for i, piece in enumerate(pieces):
+                piece["piece"] = i
+            self.pending.extend(pieces)
+
+    def next_row(self, next_doc: Callable[[], Example]) -> Example:
+        """The next row; ``next_doc`` yields documents (StopIteration ends a finite source)."""
+        if not self.pending or self.packing:
+            self._fill(next_doc)
+        if not self.pending:
+            raise StopIteration
+        if not self.packing:
+            return self.pending.pop(0)
+        row = [self.pending.pop(0)]  # the oldest opens the row: nothing waits forever
+        space = self.seq_len - len(row[0]["input_ids"])
         while space > 0:
             best, best_len = -1, 0
-            for i, doc in enumerate(pending):
+            for i, doc in enumerate(self.pending):
                 n = len(doc["input_ids"])
                 if best_len < n <= space:
                     best, best_len = i, n
@@ -90,6 +104,46 @@ def pack_stream(examples: Iterable[Example], seq_len: int, buffer_size: int) -> 
                         break
             if best < 0:
                 break
-            row.append(pending.pop(best))
+            row.append(self.pending.pop(best))
             space -= best_len
-        yield join(row)
+        return join(row)
+
+    def state(self) -> List[Dict[str, Any]]:
+        return [
+            {
+                "source": d.get("source_index", 0),
+                "ref": list(d["ref"]),
+                "piece": d["piece"],
+                "skipped": d.get("skipped", 0),
+            }
+            for d in self.pending
+        ]
+
+    def restore(
+        self, state: List[Dict[str, Any]], encode_ref: Callable[[int, Tuple[str, int]], Example]
+    ) -> None:
+        self.pending = []
+        for item in state:
+            doc = encode_ref(item["source"], tuple(item["ref"]))
+            piece = split_long(doc, self.seq_len)[item["piece"]]
+            piece["piece"], piece["skipped"] = item["piece"], item["skipped"]
+            self.pending.append(piece)
+
+
+def _rows(examples: Iterable[Example], builder: RowBuilder) -> Iterator[Example]:
+    source = iter(examples)
+    while True:
+        try:
+            yield builder.next_row(lambda: next(source))
+        except StopIteration:
+            return
+
+
+def pack_stream(examples: Iterable[Example], seq_len: int, buffer_size: int) -> Iterator[Example]:
+    """Rows of at most ``seq_len`` tokens, each holding whole documents (or pieces of long ones)."""
+    return _rows(examples, RowBuilder(seq_len, True, buffer_size))
+
+
+def split_stream(examples: Iterable[Example], seq_len: int) -> Iterator[Example]:
+    """Unpacked rows: every document, long ones split into ``seq_len`` pieces."""
+    return _rows(examples, RowBuilder(seq_len, False, 1))

@@ -1,33 +1,42 @@
-"""Streaming WebDataset sources and their mixture.
+"""The mixture: named sources drawn by (scheduled) weights into rows and batches, resumably.
 
-Each DataLoader worker of each rank is one *reader*. A source's shards are split across readers
-(rank-major, then worker), each reader walks its shards in a seeded order that changes every
-epoch, shuffles samples through a buffer, and encodes them with the source's kind. The mixture
-draws the source of every sample with a seeded RNG, so the multimodal:text ratio holds inside
-every batch. Samples that fail are skipped and counted; the count rides along with the next
-example (``skipped``), so the training process sees it without a side channel.
+Every rank-local training batch has an index ``b`` (0, 1, 2, ... across resumes). With ``W``
+DataLoader workers, batch ``b`` is produced by the worker holding *slot* ``b % W`` (the DataLoader
+collects batches from its workers round-robin); each slot is one reader with its own shard share
+and state. A resumed run that has consumed ``b0`` batches gives worker ``w`` the saved state of
+slot ``(b0 + w) % W``, so every slot continues exactly where it stopped.
+
+The weights of batch ``b`` are a pure function of ``b`` (``MixtureWeights``): the piecewise-linear
+schedule at step ``b // accumulate``, times adaptive multipliers that the main process appends to a
+shared-memory log with the batch index they take effect from (far enough ahead that no worker has
+produced that batch yet), times each source's ``repeat``. Workers are separate processes; they
+read the log, so new weights reach all of them at the same batch.
+
+Sources are drawn by smooth weighted round-robin: each draw adds every source's share to its
+credit and takes the source with the most credit, so realised fractions stay within one sample of
+the weights at every point of the stream (no sampling noise), and the sequence is deterministic.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import random
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import webdataset as wds
+import torch
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.kinds import SAMPLE_KINDS, Example
-from datamodules.packing import pack_stream, split_stream
+from datamodules.packing import RowBuilder
+from datamodules.readers import SkipCounter, Source, SourceReader, reader_shards
 from lit_bluelm.config import ConfigError
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.registry import lookup
 
-log = logging.getLogger(__name__)
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+LOG_CAPACITY = 4096  # adaptive weight updates a run can hold (one per validation)
+
+__all__ = ["MixedStream", "MixtureWeights", "Source", "build_sources", "expand_shards", "reader_shards"]
 
 
 def expand_shards(pattern: str, key: str) -> List[str]:
@@ -41,114 +50,139 @@ def expand_shards(pattern: str, key: str) -> List[str]:
     return urls
 
 
-def reader_shards(urls: Sequence[str], reader: int, readers: int, strict: bool, key: str) -> List[str]:
-    """This reader's share of the shards. With fewer shards than readers, ``strict`` refuses
-    (training would repeat data); otherwise every reader reads them all from its own offset."""
-    if len(urls) >= readers:
-        return list(urls[reader::readers])
-    if strict:
-        raise ConfigError(
-            f"{key}: {len(urls)} shards for {readers} readers (ranks x data.num_workers); "
-            "write more shards or lower data.num_workers"
-        )
-    offset = reader % len(urls)
-    return list(urls[offset:]) + list(urls[:offset])
+class MixtureWeights:
+    """Source weights as a function of the rank-local batch index (picklable into workers)."""
 
-
-class SkipCounter:
-    """Per-reader count of skipped samples and unreadable shards, handed out with the next example."""
-
-    MAX_WARNINGS = 5
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.warned = 0
-
-    def skip(self, what: str, err: BaseException) -> None:
-        self.pending += 1
-        if self.warned < self.MAX_WARNINGS:
-            self.warned += 1
-            log.warning("skipped %s: %s: %s", what, type(err).__name__, str(err)[:200])
-
-    def tar_handler(self, err: BaseException) -> bool:
-        """WebDataset handler for unreadable shards/members: count and go on."""
-        self.skip("tar data", err)
-        return True
-
-    def take(self) -> int:
-        count, self.pending = self.pending, 0
-        return count
-
-
-def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Buffer shuffle: keep ``size`` items, emit a random one as each new item arrives."""
-    buffer: List[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        buffer[i], item = item, buffer[i]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-@dataclass
-class Source:
-    """One named source of one split: its shards and how to encode its samples."""
-
-    name: str
-    kind: str
-    urls: List[str]
-    weight: float
-
-    def iterate(
+    def __init__(
         self,
-        processor: BlueLMProcessor,
-        seq_len: int,
-        reader: int,
-        readers: int,
-        skips: SkipCounter,
-        seed: int,
-        shuffle_buffer: int,
-        train: bool,
-    ) -> Iterator[Example]:
-        """Endless stream of encoded examples for one reader (epochs are reshuffled when ``train``)."""
-        encode = SAMPLE_KINDS[self.kind]
-        shards = reader_shards(self.urls, reader, readers, strict=train, key=f"data.sources.{self.name}")
-        rng = random.Random(f"{seed}/{self.name}/{reader}")
-        epoch = 0
-        while True:
-            order = list(shards)
-            if train:
-                rng.shuffle(order)
-            raw: Iterator[Dict[str, Any]] = wds.tarfile_samples(
-                ({"url": url} for url in order), handler=skips.tar_handler
+        names: Sequence[str],
+        base: Sequence[float],
+        repeat: Sequence[float],
+        schedule: Sequence[tuple] = (),  # (step, [weight per source]) points, steps ascending
+        accumulate: int = 1,
+    ) -> None:
+        self.names = list(names)
+        self.base = [float(w) for w in base]
+        self.repeat = [float(r) for r in repeat]
+        self.schedule = [(int(step), [float(w) for w in ws]) for step, ws in schedule]
+        self.accumulate = accumulate
+        # shared memory: row = (first batch index, multiplier per source); count = rows in use
+        self.log = torch.zeros(LOG_CAPACITY, 1 + len(self.names), dtype=torch.float64).share_memory_()
+        self.count = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def scheduled(self, step: int) -> List[float]:
+        """The configured weights at optimizer step ``step`` (piecewise linear between points)."""
+        points = self.schedule
+        if not points:
+            return list(self.base)
+        if step <= points[0][0]:
+            return list(points[0][1])
+        for (s0, w0), (s1, w1) in zip(points, points[1:], strict=False):
+            if step <= s1:
+                t = (step - s0) / max(s1 - s0, 1)
+                return [a + t * (b - a) for a, b in zip(w0, w1, strict=True)]
+        return list(points[-1][1])
+
+    def multipliers(self, batch: int) -> List[float]:
+        n = int(self.count[0])
+        for row in range(n - 1, -1, -1):
+            if self.log[row, 0] <= batch:
+                return self.log[row, 1:].tolist()
+        return [1.0] * len(self.names)
+
+    def __call__(self, batch: int) -> List[float]:
+        """Effective (unnormalised) weights of rank-local batch ``batch``."""
+        scheduled = self.scheduled(batch // self.accumulate)
+        mult = self.multipliers(batch)
+        return [w * m * r for w, m, r in zip(scheduled, mult, self.repeat, strict=True)]
+
+    def push(self, first_batch: int, multipliers: Sequence[float]) -> None:
+        """Main process: from batch ``first_batch`` on, scale the scheduled weights."""
+        n = int(self.count[0])
+        if n >= LOG_CAPACITY:
+            raise RuntimeError(f"more than {LOG_CAPACITY} adaptive weight updates")
+        self.log[n, 0] = float(first_batch)
+        self.log[n, 1:] = torch.tensor(list(multipliers), dtype=torch.float64)
+        self.count[0] = n + 1  # written last: a worker never sees a half-written row
+
+    def rows(self) -> List[List[float]]:
+        return self.log[: int(self.count[0])].tolist()
+
+    def load_rows(self, rows: Sequence[Sequence[float]]) -> None:
+        self.count[0] = 0
+        for row in rows:
+            self.push(int(row[0]), row[1:])
+
+
+class MixedReader:
+    """One reader's sources, draws and rows, with a saveable state."""
+
+    def __init__(self, stream: MixedStream, reader: int, readers: int) -> None:
+        self.reader = reader
+        self.skips = SkipCounter()
+        self.sources = [
+            SourceReader(
+                s,
+                stream.processor,
+                stream.seq_len,
+                reader,
+                readers,
+                stream.seed,
+                stream.shuffle_buffer,
+                stream.train,
+                self.skips,
             )
-            if train and shuffle_buffer > 1:
-                raw = _shuffled(raw, shuffle_buffer, rng)
-            produced = 0
-            for sample in raw:
-                try:
-                    example = encode(sample, processor, seq_len)
-                except Exception as err:  # a bad sample never stops the run
-                    skips.skip(f"sample {sample.get('__key__')} of {sample.get('__url__')}", err)
-                    continue
-                example["source"] = self.name
-                example["key"] = str(sample.get("__key__", ""))
-                produced += 1
-                yield example
-            if produced == 0:
-                raise RuntimeError(
-                    f"source '{self.name}' produced no usable sample in a full pass over "
-                    f"{len(order)} shards (epoch {epoch}); check the shards and the logged skips"
-                )
-            epoch += 1
+            for s in stream.sources
+        ]
+        self.credits = [0.0] * len(self.sources)
+        self.rows = RowBuilder(stream.seq_len, stream.packing, stream.pack_buffer)
+
+    def next_doc(self, weights: Sequence[float]) -> Example:
+        total = sum(weights)
+        if total <= 0:
+            raise RuntimeError("every source has weight 0 at this point of the schedule")
+        for i, w in enumerate(weights):
+            self.credits[i] += w / total
+        pick = max(range(len(weights)), key=lambda i: (self.credits[i], -i))
+        self.credits[pick] -= 1.0
+        example = self.sources[pick].next_example()
+        example["source_index"] = pick
+        example["skipped"] = self.skips.take()
+        return example
+
+    def next_row(self, weights: Sequence[float]) -> Example:
+        return self.rows.next_row(lambda: self.next_doc(weights))
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "reader": self.reader,
+            "sources": [s.state() for s in self.sources],
+            "credits": list(self.credits),
+            "rows": self.rows.state(),
+            "skipped": self.skips.pending,
+        }
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        assert state["reader"] == self.reader, "a slot's state belongs to its reader"
+        for source, saved in zip(self.sources, state["sources"], strict=True):
+            source.restore(saved)
+        self.credits = list(state["credits"])
+
+        def encode_ref(index: int, ref) -> Example:
+            example = self.sources[index].encode_ref(ref)
+            example["source_index"] = index
+            return example
+
+        self.rows.restore(state["rows"], encode_ref)
+        self.skips.pending = state["skipped"]
 
 
 class MixedStream(IterableDataset):
-    """Endless mixture of sources; the source of each example is drawn by weight."""
+    """Endless rows of a mixture for one rank; see the module docstring.
+
+    In training, the last row of every batch carries ``data_state``: the producing slot, the
+    batch index and the slot's state after the batch (what a checkpoint needs to resume there).
+    """
 
     def __init__(
         self,
@@ -162,57 +196,50 @@ class MixedStream(IterableDataset):
         train: bool = True,
         packing: bool = False,
         pack_buffer: int = 64,
+        batch_size: int = 1,
+        weights: Optional[MixtureWeights] = None,
+        resume: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        self.sources = [s for s in sources if s.weight > 0]
-        assert self.sources, "a mixture needs a source with positive weight"
+        self.sources = list(sources)
+        assert self.sources, "a mixture needs a source"
         self.processor = processor
         self.seq_len = seq_len
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
+        self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.train = train
-        self.packing = packing
-        self.pack_buffer = pack_buffer
+        self.packing, self.pack_buffer = packing, pack_buffer
+        self.batch_size = batch_size
+        names = [s.name for s in self.sources]
+        self.weights = weights or MixtureWeights(
+            names, [s.weight for s in sources], [s.repeat for s in sources]
+        )
+        self.resume = resume
 
     def __iter__(self) -> Iterator[Example]:
-        """Examples of at most ``seq_len`` tokens: packed rows, or documents (long ones split)."""
-        if self.packing:
-            return pack_stream(self._mixed(), self.seq_len, self.pack_buffer)
-        return split_stream(self._mixed(), self.seq_len)
-
-    def _mixed(self) -> Iterator[Example]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader, readers = self.rank * workers + worker, self.world_size * workers
-        skips = SkipCounter()
-        streams = [
-            s.iterate(
-                self.processor,
-                self.seq_len,
-                reader,
-                readers,
-                skips,
-                self.seed,
-                self.shuffle_buffer,
-                self.train,
-            )
-            for s in self.sources
-        ]
-        weights = [s.weight for s in self.sources]
-        rng = random.Random(f"{self.seed}/mix/{reader}")
-        indices = range(len(streams))
+        first = int(self.resume["consumed"]) if self.resume else 0
+        slot = (first + worker) % workers
+        reader = MixedReader(self, self.rank * workers + slot, self.world_size * workers)
+        saved = (self.resume or {}).get("slots", {}).get(slot)
+        if saved is not None:
+            reader.restore(saved)
+        batch = first + worker  # the rank-local index of this worker's next batch
         while True:
-            i = rng.choices(indices, weights)[0]
-            example = next(streams[i])
-            example["skipped"] = skips.take()
-            yield example
+            weights = self.weights(batch)
+            for i in range(self.batch_size):
+                row = reader.next_row(weights)
+                if self.train and i == self.batch_size - 1:
+                    row["data_state"] = {"slot": slot, "batch": batch, "state": reader.state()}
+                yield row
+            batch += workers
 
 
 def build_sources(cfg: Any, split: str) -> List[Source]:
-    """Sources of ``split`` ("train" or "val") from ``cfg.data``; checks kinds and shards now,
-    so a bad source stops the run at start-up with its name."""
+    """Sources of ``split`` ("train" or "val") from ``cfg.data``, in ``data.mix`` order; checks
+    kinds and shards now, so a bad source stops the run at start-up with its name."""
     data = cfg.data
     if not data.mix:
         raise ConfigError("data.mix: no source has a weight")
@@ -225,5 +252,6 @@ def build_sources(cfg: Any, split: str) -> List[Source]:
             if split == "train":
                 raise ConfigError(f"data.sources.{name}.train: no shard pattern")
             continue
-        sources.append(Source(name, src.kind, expand_shards(pattern, f"data.sources.{name}.{split}"), weight))
+        urls = expand_shards(pattern, f"data.sources.{name}.{split}")
+        sources.append(Source(name, src.kind, urls, weight, src.repeat))
     return sources

@@ -86,15 +86,37 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "text"  # SAMPLE_KINDS key: text | image_text
+    kind: str = "text"  # SAMPLE_KINDS key: text | image_text | chat | cot
     train: str = ""  # brace pattern of shards (local path or any webdataset gopen URL)
     val: Optional[str] = None
+    repeat: float = 1.0  # key-data upsampling: drawn repeat x as often as its data.mix weight says
+
+
+@dataclass
+class SchedulePoint:
+    """One point of a piecewise-linear mixture schedule (``step`` or ``at`` = fraction of max_steps)."""
+
+    step: Optional[int] = None
+    at: Optional[float] = None
+    mix: Dict[str, float] = field(default_factory=dict)  # sources left out keep their data.mix weight
+
+
+@dataclass
+class AdaptiveConfig:
+    """DoReMi-style multiplicative weights: after each validation, sources whose validation loss
+    fell least (relative to their first validation) get more weight."""
+
+    enabled: bool = False
+    eta: float = 1.0  # step size of the multiplicative update
+    smoothing: float = 0.2  # mix the multipliers this much towards 1 (uniform) after each update
 
 
 @dataclass
 class DataConfig:
     sources: Dict[str, SourceConfig] = field(default_factory=dict)
     mix: Dict[str, float] = field(default_factory=dict)  # source name -> sampling weight
+    schedule: List[SchedulePoint] = field(default_factory=list)  # weights over the steps of the run
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     seq_len: int = 512
     batch_size: int = 8
     val_batch_size: Optional[int] = None  # default: batch_size
@@ -306,6 +328,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.mix.{name}: weight must be >= 0, got {weight}")
     if cfg.data.mix and sum(cfg.data.mix.values()) <= 0:
         raise ConfigError("data.mix: weights are all zero")
+    for name, src in cfg.data.sources.items():
+        if src.repeat <= 0:
+            raise ConfigError(f"data.sources.{name}.repeat must be > 0, got {src.repeat}")
+    _validate_schedule(cfg)
     for key in ("data.seq_len", "data.batch_size", "data.pack_buffer", "loss.chunk_size"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
@@ -332,6 +358,32 @@ def validate(cfg: DictConfig) -> None:
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
         raise ConfigError(f"checkpoint.every_n_steps must be >= 1 (or null), got {every}")
+
+
+def _validate_schedule(cfg: DictConfig) -> None:
+    last = -1
+    for i, point in enumerate(cfg.data.schedule):
+        key = f"data.schedule[{i}]"
+        if (point.step is None) == (point.at is None):
+            raise ConfigError(
+                f"{key}: give exactly one of step (optimizer step) or at (fraction of max_steps)"
+            )
+        if point.at is not None and not 0.0 <= point.at <= 1.0:
+            raise ConfigError(f"{key}.at must be in [0, 1], got {point.at}")
+        step = point.step if point.step is not None else round(point.at * cfg.trainer.max_steps)
+        if step < last:
+            raise ConfigError(f"{key}: points must be in step order ({step} after {last})")
+        last = step
+        for name, weight in point.mix.items():
+            if name not in cfg.data.mix:
+                raise ConfigError(f"{key}.mix.{name}: no source named '{name}'")
+            if weight < 0:
+                raise ConfigError(f"{key}.mix.{name}: weight must be >= 0, got {weight}")
+        if sum(point.mix.get(n, w) for n, w in cfg.data.mix.items()) <= 0:
+            raise ConfigError(f"{key}: weights are all zero")
+    a = cfg.data.adaptive
+    if a.eta <= 0 or not 0.0 <= a.smoothing <= 1.0:
+        raise ConfigError(f"data.adaptive: need eta > 0 and smoothing in [0, 1], got {a.eta}, {a.smoothing}")
 
 
 def _validate_distill(cfg: DictConfig) -> None:

@@ -10,13 +10,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
+from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lit_bluelm.config import from_container
 from lit_bluelm.models import BlueLM, build_model
 from lit_bluelm.modules.optim import build_optimizer, freeze_components
 from lit_bluelm.modules.weights import load_model_weights
-from lit_bluelm.objectives import Head, KDOptions, LossParts, next_token_head_loss
+from lit_bluelm.objectives import Head, KDOptions, LossParts, next_token_head_loss, row_ce_sums
 from lit_bluelm.parallel import apply_fsdp
 
 Batch = Dict[str, Any]
@@ -32,6 +33,9 @@ class BlueLMModule(L.LightningModule):
         self.cfg = from_container(cfg)
         self.model: Optional[BlueLM] = None
         self.val_loss = MeanMetric()  # token-weighted, synced across ranks on compute
+        # per source (rows count for the source of their first document)
+        self.val_source_loss = nn.ModuleDict({name: MeanMetric() for name in self.cfg.data.mix})
+        self._doc_counts: Dict[str, int] = {}  # documents per source since the last log
         self._skipped = 0  # samples this rank's loader skipped (rank 0 also holds resumed totals)
         self._tokens = [0, 0]  # real tokens and row slots of this rank's batches since the last log
 
@@ -103,7 +107,14 @@ class BlueLMModule(L.LightningModule):
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         # read the loader's counts while they are still CPU tensors (no device sync)
         skipped = batch.pop("skipped", None)
+        data_state = batch.pop("data_state", None)
+        sources = batch.pop("doc_sources", None)
         if self.trainer.training:
+            datamodule = self.trainer.datamodule
+            if data_state is not None and hasattr(datamodule, "consumed"):
+                datamodule.consumed(data_state)
+            for name in sources or ():
+                self._doc_counts[name] = self._doc_counts.get(name, 0) + 1
             if skipped is not None:
                 self._skipped += int(skipped)
             mask = batch.get("attention_mask")
@@ -120,9 +131,31 @@ class BlueLMModule(L.LightningModule):
             if slots > 0:  # real tokens / row slots since the last log (padding is the rest)
                 self.log("data/packing_efficiency", real / slots, on_step=True, on_epoch=False)
             self._tokens = [0, 0]
+            names = list(self.cfg.data.mix)
+            docs = torch.tensor([float(self._doc_counts.get(n, 0)) for n in names], device=self.device)
+            docs = self.trainer.strategy.reduce(docs, reduce_op="sum")
+            if docs.sum() > 0:  # realised fraction of documents per source since the last log
+                for name, frac in zip(names, (docs / docs.sum()).tolist(), strict=True):
+                    self.log(f"data/frac/{name}", frac, on_step=True, on_epoch=False)
+            self._doc_counts = {}
 
-    def record_val_loss(self, loss: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.val_loss.update(loss.detach(), weight=tokens)
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """The model's next-token CE, overall and per source (``val/loss``, ``val/loss/<source>``)."""
+        assert self.model is not None
+        sums, counts = self.model(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            pixel_values=batch.get("pixel_values"),
+            head_fn=lambda hidden, head: row_ce_sums(hidden, head, batch["labels"], self.cfg.loss.chunk_size),
+        )
+        total = counts.sum()
+        if total > 0:
+            self.val_loss.update(sums.sum() / total, weight=total)
+        for name in set(batch["source"]):
+            rows = torch.tensor([s == name for s in batch["source"]], device=sums.device)
+            n = counts[rows].sum()
+            if name in self.val_source_loss and n > 0:
+                self.val_source_loss[name].update(sums[rows].sum() / n, weight=n)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
@@ -132,6 +165,10 @@ class BlueLMModule(L.LightningModule):
         # compute() already reduced across ranks; sync_dist only averages identical values
         self.log("val/loss", value, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(value.clamp(max=50.0)), sync_dist=True)
+        for name, metric in self.val_source_loss.items():
+            if metric.update_count:
+                self.log(f"val/loss/{name}", metric.compute(), sync_dist=True)
+                metric.reset()
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # every rank calls this; the summed count is stored once (rank 0 restores it)

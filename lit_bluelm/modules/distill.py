@@ -120,10 +120,6 @@ class DistillModule(BlueLMModule):
         self.log("train/kd_loss", parts.kd, batch_size=size)
         return parts.loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        parts = self.lm_loss(batch)  # the student's CE alone
-        self.record_val_loss(parts.ce, parts.count)
-
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         leaked = [k for k in checkpoint.get("state_dict", {}) if k.startswith("teacher.")]

@@ -12,7 +12,3 @@ class NextTokenModule(BlueLMModule):
         parts = self.lm_loss(batch)
         self.log("train/loss", parts.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return parts.loss
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        parts = self.lm_loss(batch)
-        self.record_val_loss(parts.ce, parts.count)

@@ -7,6 +7,7 @@ from lit_bluelm.objectives.distill import (
     chunked_linear_loss,
     naive_linear_loss,
     next_token_head_loss,
+    row_ce_sums,
 )
 from lit_bluelm.objectives.lm import IGNORE_INDEX, next_token_loss
 
@@ -18,5 +19,6 @@ __all__ = [
     "chunked_linear_loss",
     "naive_linear_loss",
     "next_token_head_loss",
+    "row_ce_sums",
     "next_token_loss",
 ]

@@ -261,3 +261,24 @@ def next_token_head_loss(
         )
 
     return head_fn
+
+
+@torch.no_grad()
+def row_ce_sums(
+    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token CE and counted tokens per row ([B] each), chunk by chunk, no gradients
+    (validation: per-source losses from one forward)."""
+    b, t = labels.shape
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = torch.arange(b, device=labels.device)[:, None].expand(b, t - 1)[keep]
+    flat_targets, flat_hidden = targets[keep], hidden[:, :-1][keep]
+    proj = Head(head.weight, head.bias)
+    sums = torch.zeros(b, dtype=torch.float32, device=hidden.device)
+    for start in range(0, flat_targets.shape[0], chunk_size):
+        stop = start + chunk_size
+        logits = proj.logits(flat_hidden[start:stop])
+        ce = torch.logsumexp(logits, dim=-1) - logits.gather(-1, flat_targets[start:stop, None]).squeeze(-1)
+        sums.index_add_(0, rows[start:stop], ce)
+    return sums, keep.sum(1)
