@@ -78,7 +78,7 @@ def build_trainer(cfg: DictConfig):
     )
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from callbacks import LastCheckpoint
+    from callbacks import LastCheckpoint, ResamplingSchedule
     from lit_bluelm.parallel import FSDP2Strategy
 
     t = cfg.trainer
@@ -102,6 +102,8 @@ def build_trainer(cfg: DictConfig):
         # last.ckpt every few steps and at the end; on_exception.ckpt when fit is interrupted
         LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps or t.val_check_interval),
         LearningRateMonitor(logging_interval="step"),
+        # logs data/weight/<source>; adapts the weights to lagging sources when enabled
+        ResamplingSchedule(cfg.data.adaptive.enabled, cfg.data.adaptive.eta, cfg.data.adaptive.smoothing),
     ]
     if t.enable_progress_bar:  # tqdm: the rich bar costs several ms per step on small models
         callbacks.append(TQDMProgressBar(refresh_rate=t.progress_refresh_rate))
@@ -178,6 +180,11 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
     last = next(cb.path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
     after = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
+    by_source = {
+        key[len("val/loss/") :]: round(float(value), 4)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("val/loss/")
+    }
     summary = {
         "val_loss_before": before,
         "val_loss_after": after,
@@ -188,7 +195,8 @@ def run(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         summary_path = Path(cfg.run_dir) / "summary.json"
-        summary_path.write_text(json.dumps({"stage": cfg.stage, "module": cfg.module, **summary}, indent=1))
+        record = {"stage": cfg.stage, "module": cfg.module, **summary, "val_loss_after_by_source": by_source}
+        summary_path.write_text(json.dumps(record, indent=1))
         for key, value in summary.items():
             if value is not None:
                 print(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}", flush=True)
