@@ -26,8 +26,10 @@ demo: $(STAMP)
 	$(BIN)/python train.py stage=text distill.teacher=$(TEACHER_CKPT) distill.init_from_teacher=true \
 		run_dir=$(DEMO_RUNS)/text
 	$(BIN)/python train.py stage=joint init_from=$(DEMO_RUNS)/text/checkpoints/last.ckpt run_dir=$(DEMO_RUNS)/joint
+	$(BIN)/python train.py stage=reasoning init_from=$(DEMO_RUNS)/joint/checkpoints/last.ckpt \
+		run_dir=$(DEMO_RUNS)/reasoning
 	$(BIN)/python -m lit_bluelm.summary $(DEMO_RUNS)/text_teacher $(DEMO_RUNS)/text_scratch $(DEMO_RUNS)/text \
-		$(DEMO_RUNS)/joint --better $(DEMO_RUNS)/text $(DEMO_RUNS)/text_scratch
+		$(DEMO_RUNS)/joint $(DEMO_RUNS)/reasoning --better $(DEMO_RUNS)/text $(DEMO_RUNS)/text_scratch
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -39,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/kd_memory.py
 	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/loader.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

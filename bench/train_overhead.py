@@ -93,7 +93,7 @@ def run_raw(cfg, batches, warmup: int) -> List[float]:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss)  # Lightning reads the loss back for its progress bar and logs
+        float(loss.detach())  # Lightning reads the loss back for its progress bar and logs
     starts.append(time.perf_counter())
     return step_times(starts, warmup)
 

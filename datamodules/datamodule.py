@@ -139,6 +139,7 @@ class BlueLMDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         local = {
             "layout": [world, self.workers],
+            "sources": list(self.weights.names),
             "consumed": self._consumed,
             "slots": dict(self._slots),
             "rng": _rng_state(),
@@ -154,11 +155,12 @@ class BlueLMDataModule(L.LightningDataModule):
         self.weights.load_rows(state.get("weight_log", []))
         ranks = state.get("ranks", [])
         mine = ranks[rank] if rank < len(ranks) else None
-        if mine is None or list(mine["layout"]) != [world, self.workers] or len(ranks) != world:
-            saved = mine["layout"] if mine else None
+        now = {"layout": [world, self.workers], "sources": list(self.weights.names)}
+        saved = {k: list(mine.get(k, [])) for k in now} if mine else None
+        if saved != now or len(ranks) != world:
             warnings.warn(
-                f"data: the checkpoint's layout (ranks, workers) {saved} differs from this run's "
-                f"{[world, self.workers]}; the training streams restart from data.seed",
+                f"data: the checkpoint's (ranks, workers) and sources {saved} differ from this run's "
+                f"{now}; the training streams restart from data.seed",
                 stacklevel=2,
             )
             return

@@ -107,6 +107,16 @@ def test_datamodule_state_restores_rng_and_weight_log(demo_dir):
     assert other.weights.rows() == [[5.0, 2.0, 1.0]]
 
 
+def test_a_different_layout_warns_and_restarts_the_streams(demo_dir):
+    cfg = load_config(tiny_args(demo_dir, "unused"))
+    state = BlueLMDataModule(cfg).state_dict()
+    state["ranks"][0]["layout"] = [1, 4]  # saved with 4 workers
+    dm = BlueLMDataModule(cfg)
+    with pytest.warns(UserWarning, match="restart from data.seed"):
+        dm.load_state_dict(state)
+    assert dm._resume is None
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 
