@@ -35,11 +35,15 @@ WARMUP_BATCHES = 4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--steps", type=int, default=20)
     args, overrides = parser.parse_known_args()
-    cfg = load_config(["stage=joint", "trainer.accelerator=cpu", f"trainer.max_steps={args.steps}", *overrides])
+    cfg = load_config(
+        ["stage=joint", "trainer.accelerator=cpu", f"trainer.max_steps={args.steps}", *overrides]
+    )
     ensure_demo_data(cfg)
     datamodule = BlueLMDataModule(cfg)
     train.attach_tokenizer(cfg, datamodule.tokenizer)
