@@ -99,11 +99,12 @@ def build_trainer(cfg: DictConfig):
             save_top_k=cfg.checkpoint.save_top_k,
             enable_version_counter=False,
         ),
-        # last.ckpt every few steps and at the end; on_exception.ckpt when fit is interrupted
-        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps or t.val_check_interval),
-        LearningRateMonitor(logging_interval="step"),
         # logs data/weight/<source>; adapts the weights to lagging sources when enabled
         ResamplingSchedule(cfg.data.adaptive.enabled, cfg.data.adaptive.eta, cfg.data.adaptive.smoothing),
+        # last.ckpt every few steps and at the end (again after a validation at that step, so
+        # after ResamplingSchedule above); on_exception.ckpt when fit is interrupted
+        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps or t.val_check_interval),
+        LearningRateMonitor(logging_interval="step"),
     ]
     if t.enable_progress_bar:  # tqdm: the rich bar costs several ms per step on small models
         callbacks.append(TQDMProgressBar(refresh_rate=t.progress_refresh_rate))

@@ -33,6 +33,7 @@ class LastCheckpoint(Callback):
         self.path = Path(dirpath) / filename
         self.every_n_steps = every_n_steps
         self._step_at_batch_start = -1
+        self._saved_step = -1
         self._in_loop = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -53,6 +54,15 @@ class LastCheckpoint(Callback):
         if step == self._step_at_batch_start:  # no optimizer step (gradient accumulation)
             return
         if step % self.every_n_steps == 0 or step >= trainer.max_steps:
+            self.save(trainer)
+            self._saved_step = step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A validation at the step just saved runs after the save; what it changes (metrics,
+        # adaptive mixture weights) belongs in last.ckpt, and Lightning skips that validation when
+        # resuming from a checkpoint saved after it. Save again: this callback must come after
+        # the callbacks that act on validation (build_trainer orders them).
+        if self._in_loop and not trainer.sanity_checking and trainer.global_step == self._saved_step:
             self.save(trainer)
 
     def on_exception(

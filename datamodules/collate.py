@@ -55,7 +55,11 @@ class Collator:
             "task": [e.get("task", "") for e in examples],
             "skipped": torch.tensor(sum(int(e.get("skipped", 0)) for e in examples)),
             # every document's source (a packed row holds several), for data/frac/<source>
-            "doc_sources": [src for e in examples for src in e.get("sources", [e.get("source", "")])],
+            "doc_sources": [
+                src
+                for e in examples
+                for src in e.get("sources", [e.get("source", "")] if e.get("piece", 0) == 0 else [])
+            ],
             # the reader state after this batch (training streams; see datamodules.streams)
             "data_state": next((e["data_state"] for e in reversed(examples) if "data_state" in e), None),
         }

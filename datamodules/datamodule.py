@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import lightning as L
 import numpy as np
@@ -61,9 +61,9 @@ class BlueLMDataModule(L.LightningDataModule):
             schedule_points(cfg, names),
             cfg.trainer.accumulate_grad_batches,
         )
-        self._slots: Dict[int, Any] = {}  # slot -> state after the last consumed batch it produced
-        self._consumed = 0  # rank-local training batches consumed
-        self._resume: Optional[Dict[str, Any]] = None
+        self._slots: Dict[int, Any] = {}  # slot -> state after the last trained batch it produced
+        self._consumed = 0  # rank-local training batches trained on (at optimizer-step boundaries)
+        self._pending: List[Dict[str, Any]] = []  # batches of the optimizer step in progress
 
     # ------------------------------------------------------------------ loaders
 
@@ -98,7 +98,8 @@ class BlueLMDataModule(L.LightningDataModule):
             pack_buffer=data.pack_buffer,
             batch_size=batch_size,
             weights=self.weights if train else None,
-            resume=self._resume if train else None,
+            # a training stream continues where training stands (0 in a new run)
+            resume={"consumed": self._consumed, "slots": dict(self._slots)} if train else None,
         )
         return DataLoader(
             stream,
@@ -107,6 +108,9 @@ class BlueLMDataModule(L.LightningDataModule):
             num_workers=data.num_workers,
             prefetch_factor=PREFETCH if data.num_workers else None,
             pin_memory=torch.cuda.is_available(),
+            # worker seeds from the loader's own generator, not the global torch RNG, so creating
+            # an iterator (each validation, or after a resume) never shifts training randomness
+            generator=torch.Generator().manual_seed(data.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -121,9 +125,16 @@ class BlueLMDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ progress and resume
 
     def consumed(self, data_state: Dict[str, Any]) -> None:
-        """Called by the training module for every training batch it trains on."""
-        self._slots[int(data_state["slot"])] = data_state["state"]
-        self._consumed = int(data_state["batch"]) + 1
+        """Called by the training module for every training batch, before training on it."""
+        self._pending.append(data_state)
+
+    def step_done(self) -> None:
+        """Called by the training module when an optimizer step completes: the batches it
+        trained on now count (a crash mid-step resumes before them)."""
+        for data_state in self._pending:
+            self._slots[int(data_state["slot"])] = data_state["state"]
+            self._consumed = int(data_state["batch"]) + 1
+        self._pending = []
 
     @property
     def consumed_batches(self) -> int:
@@ -135,39 +146,63 @@ class BlueLMDataModule(L.LightningDataModule):
         ahead = PREFETCH * self.cfg.data.num_workers if self.cfg.data.num_workers else 0
         return self._consumed + ahead + 2
 
-    def state_dict(self) -> Dict[str, Any]:
-        rank, world = self._rank_world()
-        local = {
+    def layout(self) -> Dict[str, Any]:
+        """What a saved stream state is only valid for: resuming under anything else restarts
+        the readers (the batch count, and so the schedule, carries on)."""
+        _, world = self._rank_world()
+        data = self.cfg.data
+        return {
             "layout": [world, self.workers],
-            "sources": list(self.weights.names),
-            "consumed": self._consumed,
-            "slots": dict(self._slots),
-            "rng": _rng_state(),
+            "sources": [[s.name, s.kind, len(s.urls), s.urls[0]] for s in self.train_sources],
+            "stream": [
+                data.seed,
+                data.batch_size,
+                data.seq_len,
+                data.shuffle_buffer,
+                data.packing,
+                data.pack_buffer,
+            ],
         }
+
+    def state_dict(self) -> Dict[str, Any]:
+        local = {**self.layout(), "consumed": self._consumed, "slots": dict(self._slots), "rng": _rng_state()}
         ranks = [local]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, local)  # Lightning writes rank 0's checkpoint only
+            # Lightning writes rank 0's checkpoint only: gather there
+            ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(local, ranks, dst=0)
+            ranks = ranks or [local]
         return {"ranks": ranks, "weight_log": self.weights.rows()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         rank, world = self._rank_world()
         self.weights.load_rows(state.get("weight_log", []))
         ranks = state.get("ranks", [])
-        mine = ranks[rank] if rank < len(ranks) else None
-        now = {"layout": [world, self.workers], "sources": list(self.weights.names)}
-        saved = {k: list(mine.get(k, [])) for k in now} if mine else None
-        if saved != now or len(ranks) != world:
+        if not ranks:
+            return
+        # every rank trains on the same number of batches: the count (and the schedule) carries on
+        self._consumed = int(ranks[0]["consumed"])
+        mine = ranks[rank] if len(ranks) == world else None
+        now = self.layout()
+        saved = {k: mine.get(k) for k in now} if mine else None
+        if saved != _plain(now):
             warnings.warn(
-                f"data: the checkpoint's (ranks, workers) and sources {saved} differ from this run's "
-                f"{now}; the training streams restart from data.seed",
+                f"data: the checkpoint's data layout {saved} differs from this run's {now}; the "
+                "training streams restart from data.seed (the batch count and schedule carry on)",
                 stacklevel=2,
             )
             return
-        self._resume = {"consumed": mine["consumed"], "slots": {int(k): v for k, v in mine["slots"].items()}}
-        self._consumed = mine["consumed"]
-        self._slots = dict(self._resume["slots"])
+        self._slots = {int(k): v for k, v in mine["slots"].items()}
         _set_rng_state(mine["rng"])
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as a value looks after a checkpoint round trip."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _rng_state() -> Dict[str, Any]:

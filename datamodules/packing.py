@@ -53,7 +53,7 @@ def join(docs: List[Example]) -> Example:
         "pixel_values": torch.cat(tiles) if tiles else None,
         "task": docs[0].get("task", ""),
         "source": docs[0].get("source", ""),
-        "sources": [d.get("source", "") for d in docs],
+        "sources": [d.get("source", "") for d in docs if d.get("piece", 0) == 0],  # documents, not pieces
         "key": "+".join(str(d.get("key", "")) for d in docs),
         "skipped": sum(int(d.get("skipped", 0)) for d in docs),
         "documents": len(docs),

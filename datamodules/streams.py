@@ -142,7 +142,8 @@ class MixedReader:
         if total <= 0:
             raise RuntimeError("every source has weight 0 at this point of the schedule")
         for i, w in enumerate(weights):
-            self.credits[i] += w / total
+            # a source switched off keeps no credit from before
+            self.credits[i] = self.credits[i] + w / total if w > 0 else min(self.credits[i], 0.0)
         pick = max(range(len(weights)), key=lambda i: (self.credits[i], -i))
         self.credits[pick] -= 1.0
         example = self.sources[pick].next_example()

@@ -10,6 +10,8 @@ OmegaConf dotlist entry checked against the schema, so an unknown key or a wrong
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -324,13 +326,21 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"data.mix.{name}: no source named '{name}'; sources: {', '.join(cfg.data.sources)}"
             )
-        if weight < 0:
+        if not weight >= 0 or not math.isfinite(weight):
             raise ConfigError(f"data.mix.{name}: weight must be >= 0, got {weight}")
     if cfg.data.mix and sum(cfg.data.mix.values()) <= 0:
         raise ConfigError("data.mix: weights are all zero")
     for name, src in cfg.data.sources.items():
-        if src.repeat <= 0:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise ConfigError(f"data.sources.{name}: a source name uses letters, digits, '_' and '-' only")
+        if not src.repeat > 0 or not math.isfinite(src.repeat):
             raise ConfigError(f"data.sources.{name}.repeat must be > 0, got {src.repeat}")
+        if cfg.data.adaptive.enabled and not cfg.data.mix.get(name, 0) > 0:
+            raise ConfigError(f"data.adaptive: validation draws by data.mix, so data.mix.{name} must be > 0")
+        if cfg.data.adaptive.enabled and not src.val:
+            raise ConfigError(
+                f"data.adaptive needs validation shards for every source: set data.sources.{name}.val"
+            )
     _validate_schedule(cfg)
     for key in ("data.seq_len", "data.batch_size", "data.pack_buffer", "loss.chunk_size"):
         if OmegaConf.select(cfg, key) <= 0:

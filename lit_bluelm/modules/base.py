@@ -34,7 +34,8 @@ class BlueLMModule(L.LightningModule):
         self.model: Optional[BlueLM] = None
         self.val_loss = MeanMetric()  # token-weighted, synced across ranks on compute
         # per source (rows count for the source of their first document)
-        self.val_source_loss = nn.ModuleDict({name: MeanMetric() for name in self.cfg.data.mix})
+        # (keys prefixed: a source may be called like a Module attribute, e.g. "train")
+        self.val_source_loss = nn.ModuleDict({f"src_{name}": MeanMetric() for name in self.cfg.data.mix})
         self._doc_counts: Dict[str, int] = {}  # documents per source since the last log
         self._skipped = 0  # samples this rank's loader skipped (rank 0 also holds resumed totals)
         self._tokens = [0, 0]  # real tokens and row slots of this rank's batches since the last log
@@ -123,8 +124,15 @@ class BlueLMModule(L.LightningModule):
                 self._tokens[1] += mask.numel()
         return batch
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # the batches of this optimizer step are trained: their stream states now count
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "step_done"):
+            datamodule.step_done()
+
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+        step_done = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        if step_done and self.trainer.global_step % self.trainer.log_every_n_steps == 0:
             counts = torch.tensor([float(self._skipped), *map(float, self._tokens)], device=self.device)
             skipped, real, slots = self.trainer.strategy.reduce(counts, reduce_op="sum")
             self.log("data/skipped", skipped, on_step=True, on_epoch=False)
@@ -154,21 +162,24 @@ class BlueLMModule(L.LightningModule):
         for name in set(batch["source"]):
             rows = torch.tensor([s == name for s in batch["source"]], device=sums.device)
             n = counts[rows].sum()
-            if name in self.val_source_loss and n > 0:
-                self.val_source_loss[name].update(sums[rows].sum() / n, weight=n)
+            key = f"src_{name}"
+            if key in self.val_source_loss and n > 0:
+                self.val_source_loss[key].update(sums[rows].sum() / n, weight=n)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:
-            return
-        value = self.val_loss.compute()
-        self.val_loss.reset()
-        # compute() already reduced across ranks; sync_dist only averages identical values
-        self.log("val/loss", value, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(value.clamp(max=50.0)), sync_dist=True)
-        for name, metric in self.val_source_loss.items():
-            if metric.update_count:
-                self.log(f"val/loss/{name}", metric.compute(), sync_dist=True)
-                metric.reset()
+        # Whether a metric has data must be decided the same way on every rank (compute() and
+        # sync_dist are collectives): use the update counts summed over ranks.
+        metrics = {"val/loss": self.val_loss}
+        metrics |= {f"val/loss/{key[len('src_') :]}": m for key, m in self.val_source_loss.items()}
+        counts = torch.tensor([float(m.update_count) for m in metrics.values()], device=self.device)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        for (name, metric), count in zip(metrics.items(), counts.tolist(), strict=True):
+            if count > 0:
+                value = metric.compute()  # reduced across ranks; sync_dist averages equal values
+                self.log(name, value, prog_bar=name == "val/loss", sync_dist=True)
+                if name == "val/loss":
+                    self.log("val/ppl", torch.exp(value.clamp(max=50.0)), sync_dist=True)
+            metric.reset()
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # every rank calls this; the summed count is stored once (rank 0 restores it)
