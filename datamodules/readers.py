@@ -90,8 +90,8 @@ class SkipCounter:
         return count
 
 
-def _samples(url: str, skips: SkipCounter) -> Iterator[Dict[str, Any]]:
-    return wds.tarfile_samples([{"url": url}], handler=skips.tar_handler)
+def _samples(url: str, handler: Callable[[BaseException], bool]) -> Iterator[Dict[str, Any]]:
+    return wds.tarfile_samples([{"url": url}], handler=handler)
 
 
 class SourceReader:
@@ -124,6 +124,7 @@ class SourceReader:
         self.counts = {"raw": 0, "tried": 0, "good": 0, "strikes": 0}
         self._shards: Optional[List[str]] = None
         self._it: Optional[Iterator[Dict[str, Any]]] = None
+        self._replaying = False  # skipping to a restored offset: errors there were counted before
         if not train:  # checks the shard count once, up front
             reader_shards(source.urls, reader, readers, strict=False, key=source.name)
 
@@ -146,9 +147,11 @@ class SourceReader:
                 if self.pos >= len(shards):  # epoch done
                     self._end_epoch(len(shards))
                     continue
-                self._it = _samples(shards[self.pos], self.skips)
+                self._it = _samples(shards[self.pos], self._tar_error)
+                self._replaying = True
                 for _ in range(self.offset):  # resuming inside a shard: skip what was read
                     next(self._it, None)
+                self._replaying = False
             raw = next(self._it, None)
             if raw is None:
                 self._it = None
@@ -159,6 +162,9 @@ class SourceReader:
             self.offset += 1
             self.counts["raw"] += 1
             return ref, raw
+
+    def _tar_error(self, err: BaseException) -> bool:
+        return True if self._replaying else self.skips.tar_handler(err)
 
     def _end_epoch(self, n_shards: int) -> None:
         c = self.counts
@@ -205,7 +211,7 @@ class SourceReader:
             wanted.setdefault(url, set()).add(index)
         found: Dict[Ref, Dict[str, Any]] = {}
         for url, indices in wanted.items():
-            for index, raw in enumerate(_samples(url, SkipCounter())):
+            for index, raw in enumerate(_samples(url, lambda err: True)):
                 if index in indices:
                     found[(url, index)] = raw
                 if index >= max(indices):
