@@ -101,9 +101,14 @@ def build_trainer(cfg: DictConfig):
         ),
         # logs data/weight/<source>; adapts the weights to lagging sources when enabled
         ResamplingSchedule(cfg.data.adaptive.enabled, cfg.data.adaptive.eta, cfg.data.adaptive.smoothing),
-        # last.ckpt every few steps and at the end (again after a validation at that step, so
-        # after ResamplingSchedule above); on_exception.ckpt when fit is interrupted
-        LastCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps or t.val_check_interval),
+        # last.ckpt every few steps and at the end (with adaptive weights, again after a
+        # validation at that step, so after ResamplingSchedule above); on_exception.ckpt when fit
+        # is interrupted
+        LastCheckpoint(
+            ckpt_dir,
+            cfg.checkpoint.every_n_steps or t.val_check_interval,
+            resave_after_validation=cfg.data.adaptive.enabled,
+        ),
         LearningRateMonitor(logging_interval="step"),
     ]
     if t.enable_progress_bar:  # tqdm: the rich bar costs several ms per step on small models

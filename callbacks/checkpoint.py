@@ -27,13 +27,20 @@ class LastCheckpoint(Callback):
     ``last.ckpt`` alone: ranks fail at different points, and a collective save could hang.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int, filename: str = "last.ckpt") -> None:
+    def __init__(
+        self,
+        dirpath: str | Path,
+        every_n_steps: int,
+        filename: str = "last.ckpt",
+        resave_after_validation: bool = False,
+    ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.path = Path(dirpath) / filename
         self.every_n_steps = every_n_steps
         self._step_at_batch_start = -1
         self._saved_step = -1
+        self.resave_after_validation = resave_after_validation
         self._in_loop = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -58,11 +65,16 @@ class LastCheckpoint(Callback):
             self._saved_step = step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A validation at the step just saved runs after the save; what it changes (metrics,
-        # adaptive mixture weights) belongs in last.ckpt, and Lightning skips that validation when
-        # resuming from a checkpoint saved after it. Save again: this callback must come after
-        # the callbacks that act on validation (build_trainer orders them).
-        if self._in_loop and not trainer.sanity_checking and trainer.global_step == self._saved_step:
+        # A validation at the step just saved runs after the save, and Lightning does not repeat
+        # it when resuming from that checkpoint. When the validation changes training state
+        # (adaptive mixture weights), save again so last.ckpt holds it; this callback must come
+        # after the callbacks that act on validation (build_trainer orders them).
+        if (
+            self.resave_after_validation
+            and self._in_loop
+            and not trainer.sanity_checking
+            and trainer.global_step == self._saved_step
+        ):
             self.save(trainer)
 
     def on_exception(
