@@ -125,8 +125,6 @@ class SourceReader:
         self._shards: Optional[List[str]] = None
         self._it: Optional[Iterator[Dict[str, Any]]] = None
         self._replaying = False  # skipping to a restored offset: errors there were counted before
-        if not train:  # checks the shard count once, up front
-            reader_shards(source.urls, reader, readers, strict=False, key=source.name)
 
     def shards(self) -> List[str]:
         if self._shards is None:
