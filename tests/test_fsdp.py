@@ -37,6 +37,9 @@ def test_fsdp_fit_two_processes_then_resume(demo_dir, tmp_path):
     assert float(out["val_loss_after"]) < float(out["val_loss_before"])
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
+    # the data state of both ranks rides in the sharded checkpoint's metadata
+    meta = torch.load(last / "meta.pt", weights_only=True, map_location="cpu")
+    assert [r["consumed"] for r in meta["BlueLMDataModule"]["ranks"]] == [3, 3]
     # continue the sharded run
     out = _train(tiny_args(demo_dir, run_dir, *fsdp, "trainer.max_steps=4", f"resume_from={last}"))
     assert out["global_step"] == "4"
