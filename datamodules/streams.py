@@ -19,6 +19,7 @@ the weights at every point of the stream (no sampling noise), and the sequence i
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -69,6 +70,9 @@ class MixtureWeights:
         # shared memory: row = (first batch index, multiplier per source); count = rows in use
         self.log = torch.zeros(LOG_CAPACITY, 1 + len(self.names), dtype=torch.float64).share_memory_()
         self.count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # guards the log across processes (no reliance on the CPU's store ordering); inherited
+        # by forked workers, passed along when workers are spawned
+        self.lock = multiprocessing.get_context().Lock()
 
     def scheduled(self, step: int) -> List[float]:
         """The configured weights at optimizer step ``step`` (piecewise linear between points)."""
@@ -84,10 +88,11 @@ class MixtureWeights:
         return list(points[-1][1])
 
     def multipliers(self, batch: int) -> List[float]:
-        n = int(self.count[0])
-        for row in range(n - 1, -1, -1):
-            if self.log[row, 0] <= batch:
-                return self.log[row, 1:].tolist()
+        with self.lock:
+            n = int(self.count[0])
+            for row in range(n - 1, -1, -1):
+                if self.log[row, 0] <= batch:
+                    return self.log[row, 1:].tolist()
         return [1.0] * len(self.names)
 
     def __call__(self, batch: int) -> List[float]:
@@ -98,18 +103,21 @@ class MixtureWeights:
 
     def push(self, first_batch: int, multipliers: Sequence[float]) -> None:
         """Main process: from batch ``first_batch`` on, scale the scheduled weights."""
-        n = int(self.count[0])
-        if n >= LOG_CAPACITY:
-            raise RuntimeError(f"more than {LOG_CAPACITY} adaptive weight updates")
-        self.log[n, 0] = float(first_batch)
-        self.log[n, 1:] = torch.tensor(list(multipliers), dtype=torch.float64)
-        self.count[0] = n + 1  # written last: a worker never sees a half-written row
+        with self.lock:
+            n = int(self.count[0])
+            if n >= LOG_CAPACITY:
+                raise RuntimeError(f"more than {LOG_CAPACITY} adaptive weight updates")
+            self.log[n, 0] = float(first_batch)
+            self.log[n, 1:] = torch.tensor(list(multipliers), dtype=torch.float64)
+            self.count[0] = n + 1
 
     def rows(self) -> List[List[float]]:
-        return self.log[: int(self.count[0])].tolist()
+        with self.lock:
+            return self.log[: int(self.count[0])].tolist()
 
     def load_rows(self, rows: Sequence[Sequence[float]]) -> None:
-        self.count[0] = 0
+        with self.lock:
+            self.count[0] = 0
         for row in rows:
             self.push(int(row[0]), row[1:])
 
