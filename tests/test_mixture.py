@@ -131,13 +131,19 @@ def _scalars(run_dir, tag):
 
 
 @pytest.mark.parametrize(
-    "stage,workers,accumulate",
-    [("joint", 0, 1), ("joint", 2, 1), ("text", 2, 2)],
-    ids=["joint-0-workers", "joint-2-workers", "text-packed-2-workers-accumulate-2"],
+    "stage,workers,accumulate,stop",
+    [("joint", 0, 1, 6), ("joint", 2, 1, 6), ("joint", 2, 1, 5), ("text", 2, 2, 6)],
+    ids=[
+        "joint-0-workers",
+        "joint-2-workers",
+        "joint-2-workers-odd-stop",
+        "text-packed-2-workers-accumulate-2",
+    ],
 )
 def test_resume_sees_exactly_the_uninterrupted_samples_and_losses(
-    demo_dir, tmp_path, monkeypatch, stage, workers, accumulate
+    demo_dir, tmp_path, monkeypatch, stage, workers, accumulate, stop
 ):
+    """12 uninterrupted steps against ``stop`` + the rest resumed from last.ckpt."""
     seen = []
     original = BlueLMModule.on_before_batch_transfer
 
@@ -152,11 +158,11 @@ def test_resume_sees_exactly_the_uninterrupted_samples_and_losses(
         f"data.num_workers={workers}",
         "data.shuffle_buffer=16",
         f"trainer.accumulate_grad_batches={accumulate}",
-        "optim.schedule=constant",  # the 5-step run then follows the 10-step run exactly
+        "optim.schedule=constant",  # the stopped run then follows the 12-step run exactly
         "validate_before_fit=false",
-        "trainer.val_check_interval=3",  # validations at 3 (before the stop), 6 and 9 (after)
+        "trainer.val_check_interval=3",  # validations before and after the stop
         "data.adaptive.enabled=true",  # which move the weights: the log must resume too
-        "checkpoint.every_n_steps=5",
+        f"checkpoint.every_n_steps={stop}",
     ]
     if stage == "text":
         common.append("module=next_token")
@@ -166,16 +172,15 @@ def test_resume_sees_exactly_the_uninterrupted_samples_and_losses(
         summary = train.run(load_config(make(demo_dir, tmp_path / name, *common, *extra)))
         return summary, list(seen), _scalars(tmp_path / name, "train/loss")
 
-    _, full_keys, full_loss = run("full", "trainer.max_steps=10")
-    # an odd stop: with 2 workers the resumed run's worker 0 continues slot 1
-    first, _, _ = run("part", "trainer.max_steps=5")
-    _, resumed_keys, resumed_loss = run("part", "trainer.max_steps=10", f"resume_from={first['last_ckpt']}")
-    per_run = 10 * accumulate
-    assert len(full_keys) == per_run and len(resumed_keys) == per_run // 2
-    assert resumed_keys == full_keys[per_run // 2 :]
-    assert [resumed_loss[s] for s in range(5, 10)] == [full_loss[s] for s in range(5, 10)]
+    _, full_keys, full_loss = run("full", "trainer.max_steps=12")
+    # an odd stop with 2 workers: the resumed run's worker 0 continues slot 1
+    first, _, _ = run("part", f"trainer.max_steps={stop}")
+    _, resumed_keys, resumed_loss = run("part", "trainer.max_steps=12", f"resume_from={first['last_ckpt']}")
+    assert len(full_keys) == 12 * accumulate and len(resumed_keys) == (12 - stop) * accumulate
+    assert resumed_keys == full_keys[stop * accumulate :]
+    assert [resumed_loss[s] for s in range(stop, 12)] == [full_loss[s] for s in range(stop, 12)]
     ckpt = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert len(ckpt["BlueLMDataModule"]["weight_log"]) == 2  # adaptive updates after steps 6 and 9
+    assert len(ckpt["BlueLMDataModule"]["weight_log"]) == 3  # adaptive updates after steps 6, 9 and 12
 
 
 def test_fit_logs_realised_fractions_weights_and_per_source_val_loss(demo_dir, tmp_path):
