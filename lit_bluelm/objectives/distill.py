@@ -51,6 +51,12 @@ class LossParts(NamedTuple):
     count: torch.Tensor  # number of counted tokens
 
 
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token CE [N] of float32 ``logits`` [N, V], as logsumexp - target logit: no [N, V]
+    log-probabilities are kept for backward."""
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+
+
 def ce_kd_sums(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -61,8 +67,7 @@ def ce_kd_sums(
 
     ``targets`` [N] are all counted (selection happens before); ``teacher_logits`` [N, V] or None.
     """
-    # CE as logsumexp - target logit: no [N, V] log-probabilities are kept for backward
-    ce = (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
+    ce = token_ce(logits, targets).sum()
     if teacher_logits is None:
         return ce, logits.new_zeros(())
     t = opts.temperature
@@ -98,13 +103,15 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     """One autograd node for head projection + losses; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_head, opts, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_head, opts, chunk_size, needs):
         n = hidden.shape[0]
         device = hidden.device.type
         # the head matmuls run in the autocast dtype when autocast is on (as the model's own head
         # would); casts happen once here, not per chunk, and autocast is off for the explicit ops
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # (needs, not ctx.needs_input_grad: that stays True under no_grad)
+        need_h, need_w, need_b = needs
+        wants_grad = any(needs)  # False in validation: sums only, no gradient buffers
         with torch.autocast(device, enabled=False):
             head = Head(weight.to(dtype), bias.to(dtype) if bias is not None else None)
             has_teacher = teacher_hidden is not None
@@ -119,12 +126,13 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 stop = start + chunk_size
                 h = hidden[start:stop]
                 t_logits = teacher_head.logits(teacher_hidden[start:stop]) if has_teacher else None
-                logits = head.logits(h).requires_grad_(True)  # a leaf of this chunk's small graph
-                with torch.enable_grad():
+                logits = head.logits(h).requires_grad_(wants_grad)  # a leaf of this chunk's graph
+                with torch.set_grad_enabled(wants_grad):
                     ce, kd = ce_kd_sums(logits, targets[start:stop], t_logits, opts)
                     del t_logits  # not needed by the chunk's backward
-                    part = _combine(ce, kd, n, opts, has_teacher)
-                    (g,) = torch.autograd.grad(part, logits)  # d loss / d chunk logits [n_chunk, V]
+                    if wants_grad:
+                        part = _combine(ce, kd, n, opts, has_teacher)
+                        (g,) = torch.autograd.grad(part, logits)  # d loss / d chunk logits [n_chunk, V]
                 del logits
                 if need_h:
                     grad_h[start:stop] = g.to(dtype) @ head.weight
@@ -156,7 +164,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             grad_w = grad_w.mul_(grad_loss).to(w_dtype)
         if grad_b is not None:
             grad_b = grad_b.mul_(grad_loss).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def chunked_linear_loss(
@@ -186,31 +194,14 @@ def chunked_linear_loss(
     teacher_hidden = teacher_hidden.detach() if teacher_hidden is not None else None
     if teacher_head is not None:
         teacher_head = Head(*(x.detach() if x is not None else None for x in teacher_head))
-    wants_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (hidden, head.weight, head.bias)
+    needs = tuple(
+        torch.is_grad_enabled() and x is not None and x.requires_grad
+        for x in (hidden, head.weight, head.bias)
     )
-    if not wants_grad:  # validation: sums only, no gradient buffers
-        return _chunked_sums(hidden, head, targets, teacher_hidden, teacher_head, opts, chunk_size)
     loss, ce, kd = _ChunkedLinearLoss.apply(
-        hidden, head.weight, head.bias, targets, teacher_hidden, teacher_head, opts, chunk_size
+        hidden, head.weight, head.bias, targets, teacher_hidden, teacher_head, opts, chunk_size, needs
     )
     return LossParts(loss, ce, kd, torch.tensor(hidden.shape[0], device=hidden.device))
-
-
-@torch.no_grad()
-def _chunked_sums(hidden, head, targets, teacher_hidden, teacher_head, opts, chunk_size) -> LossParts:
-    n = hidden.shape[0]
-    ce_total = hidden.new_zeros((), dtype=torch.float32)
-    kd_total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        stop = start + chunk_size
-        t_logits = teacher_head.logits(teacher_hidden[start:stop]) if teacher_hidden is not None else None
-        ce, kd = ce_kd_sums(head.logits(hidden[start:stop]), targets[start:stop], t_logits, opts)
-        ce_total += ce
-        kd_total += kd
-    loss = _combine(ce_total, kd_total, n, opts, teacher_hidden is not None)
-    count = torch.tensor(n, device=hidden.device)
-    return LossParts(loss, ce_total / max(n, 1), kd_total / max(n, 1), count)
 
 
 def naive_linear_loss(
@@ -270,15 +261,14 @@ def row_ce_sums(
     """Summed next-token CE and counted tokens per row ([B] each), chunk by chunk, no gradients
     (validation: per-source losses from one forward)."""
     b, t = labels.shape
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = torch.arange(b, device=labels.device)[:, None].expand(b, t - 1)[keep]
-    flat_targets, flat_hidden = targets[keep], hidden[:, :-1][keep]
+    row_ids = torch.arange(b, device=labels.device)[:, None, None].expand(b, t, 1)
+    flat_targets, flat_hidden, rows = shift_and_select(labels, hidden, row_ids)
+    rows = rows.squeeze(-1)
     proj = Head(head.weight, head.bias)
     sums = torch.zeros(b, dtype=torch.float32, device=hidden.device)
     for start in range(0, flat_targets.shape[0], chunk_size):
         stop = start + chunk_size
-        logits = proj.logits(flat_hidden[start:stop])
-        ce = torch.logsumexp(logits, dim=-1) - logits.gather(-1, flat_targets[start:stop, None]).squeeze(-1)
-        sums.index_add_(0, rows[start:stop], ce)
-    return sums, keep.sum(1)
+        sums.index_add_(
+            0, rows[start:stop], token_ce(proj.logits(flat_hidden[start:stop]), flat_targets[start:stop])
+        )
+    return sums, torch.bincount(rows, minlength=b)
