@@ -133,15 +133,17 @@ class BlueLMModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         step_done = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
         if step_done and self.trainer.global_step % self.trainer.log_every_n_steps == 0:
-            counts = torch.tensor([float(self._skipped), *map(float, self._tokens)], device=self.device)
-            skipped, real, slots = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            # one collective for every count: skipped samples, real tokens, slots, documents per source
+            names = list(self.cfg.data.mix)
+            local = [self._skipped, *self._tokens, *(self._doc_counts.get(n, 0) for n in names)]
+            counts = self.trainer.strategy.reduce(
+                torch.tensor([float(c) for c in local], device=self.device), reduce_op="sum"
+            )
+            skipped, real, slots, docs = counts[0], counts[1], counts[2], counts[3:]
             self.log("data/skipped", skipped, on_step=True, on_epoch=False)
             if slots > 0:  # real tokens / row slots since the last log (padding is the rest)
                 self.log("data/packing_efficiency", real / slots, on_step=True, on_epoch=False)
             self._tokens = [0, 0]
-            names = list(self.cfg.data.mix)
-            docs = torch.tensor([float(self._doc_counts.get(n, 0)) for n in names], device=self.device)
-            docs = self.trainer.strategy.reduce(docs, reduce_op="sum")
             if docs.sum() > 0:  # realised fraction of documents per source since the last log
                 for name, frac in zip(names, (docs / docs.sum()).tolist(), strict=True):
                     self.log(f"data/frac/{name}", frac, on_step=True, on_epoch=False)
