@@ -120,11 +120,14 @@ class RowBuilder:
         ]
 
     def restore(
-        self, state: List[Dict[str, Any]], encode_ref: Callable[[int, Tuple[str, int]], Example]
+        self,
+        state: List[Dict[str, Any]],
+        encode_refs: Callable[[List[Tuple[int, Tuple[str, int]]]], List[Example]],
     ) -> None:
+        """``encode_refs`` re-encodes (source index, ref) pairs, in order, all at once."""
+        docs = encode_refs([(item["source"], tuple(item["ref"])) for item in state])
         self.pending = []
-        for item in state:
-            doc = encode_ref(item["source"], tuple(item["ref"]))
+        for item, doc in zip(state, docs, strict=True):
             piece = split_long(doc, self.seq_len)[item["piece"]]
             piece["piece"], piece["skipped"] = item["piece"], item["skipped"]
             self.pending.append(piece)

@@ -221,13 +221,16 @@ class SourceReader:
             )
         return [(tuple(r), found[tuple(r)]) for r in refs]
 
-    def encode_ref(self, ref: Ref) -> Example:
-        """Re-encode one sample by reference (restoring rows that were pending)."""
-        ((ref, raw),) = self.fetch([ref])
-        example = self._encode(ref, raw)
-        if example is None:
-            raise RuntimeError(f"source '{self.source.name}': sample {ref} no longer encodes")
-        return example
+    def encode_refs(self, refs: Sequence[Ref]) -> List[Example]:
+        """Re-encode samples by reference, in order, reading each shard once (restoring rows
+        that were pending)."""
+        examples = []
+        for ref, raw in self.fetch(refs):
+            example = self._encode(ref, raw)
+            if example is None:
+                raise RuntimeError(f"source '{self.source.name}': sample {ref} no longer encodes")
+            examples.append(example)
+        return examples
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -246,6 +249,3 @@ class SourceReader:
         self.rng.setstate((version, tuple(internal), gauss))
         self.buffer = self.fetch([tuple(r) for r in state["buffer"]])
         self._shards, self._it = None, None
-
-
-Fetch = Callable[[int, Ref], Example]

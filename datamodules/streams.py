@@ -177,12 +177,18 @@ class MixedReader:
             source.restore(saved)
         self.credits = list(state["credits"])
 
-        def encode_ref(index: int, ref) -> Example:
-            example = self.sources[index].encode_ref(ref)
-            example["source_index"] = index
-            return example
+        def encode_refs(items: List[tuple]) -> List[Example]:
+            # one pass per source (and shard), not one per pending document
+            out: List[Optional[Example]] = [None] * len(items)
+            for index, source in enumerate(self.sources):
+                positions = [i for i, (s, _) in enumerate(items) if s == index]
+                examples = source.encode_refs([items[i][1] for i in positions]) if positions else []
+                for i, example in zip(positions, examples, strict=True):
+                    example["source_index"] = index
+                    out[i] = example
+            return out
 
-        self.rows.restore(state["rows"], encode_ref)
+        self.rows.restore(state["rows"], encode_refs)
         self.skips.pending = state["skipped"]
 
 
