@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from train_overhead import run_raw  # noqa: E402
 
-import train  # noqa: E402
 from datamodules.datamodule import BlueLMDataModule  # noqa: E402
 from datamodules.demo import ensure_demo_data  # noqa: E402
 from lit_bluelm.config import load_config  # noqa: E402
+from lit_bluelm.trainer import attach_tokenizer, quiet_known_warnings  # noqa: E402
 
 WARMUP_BATCHES = 4
 
@@ -46,8 +46,8 @@ def main() -> None:
     )
     ensure_demo_data(cfg)
     datamodule = BlueLMDataModule(cfg)
-    train.attach_tokenizer(cfg, datamodule.tokenizer)
-    train._quiet_known_warnings()
+    attach_tokenizer(cfg, datamodule.tokenizer)
+    quiet_known_warnings()
     batch_size = cfg.data.batch_size
 
     loader = iter(datamodule.train_dataloader())

@@ -17,6 +17,7 @@ The last line is ``train_overhead=<lightning_time / raw_time>`` (target <= 1.05)
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -30,7 +31,6 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-import train  # noqa: E402
 from datamodules.datamodule import BlueLMDataModule  # noqa: E402
 from datamodules.demo import ensure_demo_data  # noqa: E402
 from lit_bluelm.config import load_config, to_container  # noqa: E402
@@ -38,6 +38,7 @@ from lit_bluelm.models import build_model  # noqa: E402
 from lit_bluelm.modules import NextTokenModule  # noqa: E402
 from lit_bluelm.modules.optim import build_optimizer  # noqa: E402
 from lit_bluelm.objectives import next_token_head_loss  # noqa: E402
+from lit_bluelm.trainer import attach_tokenizer, build_trainer, quiet_known_warnings  # noqa: E402
 
 
 class Replay(IterableDataset):
@@ -70,23 +71,26 @@ def step_times(starts: List[float], warmup: int) -> List[float]:
     return [b - a for a, b in zip(starts[warmup:-1], starts[warmup + 1 :], strict=True)]
 
 
-def run_lightning(cfg, batches, warmup: int) -> List[float]:
+def run_lightning(cfg, batches, warmup: int, datamodule=None) -> List[float]:
     torch.manual_seed(cfg.seed)
     module = NextTokenModule(to_container(cfg))
-    trainer = train.build_trainer(cfg)
+    trainer = build_trainer(cfg, NextTokenModule)
     clock = StepClock()
     trainer.callbacks.insert(0, clock)
     # the batches are already collated: hand them over as they are (the default per-item
-    # conversion would walk every nested field, which a real collating loader never does)
+    # conversion would walk every nested field, which a real collating loader never does);
+    # the datamodule's own bookkeeping hooks still run on every batch
     loader = DataLoader(Replay(batches), batch_size=None, collate_fn=_as_is)
-    trainer.fit(module, train_dataloaders=loader)
+    datamodule.train_dataloader = lambda: loader
+    datamodule.val_dataloader = lambda: []
+    trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == len(batches)
     return step_times(clock.starts, warmup)
 
 
 def run_raw(cfg, batches, warmup: int) -> List[float]:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.context)
     model.train()
     optimizer, schedule = build_optimizer(model, cfg.optim, cfg.trainer.max_steps)
     starts = []
@@ -127,8 +131,8 @@ def main() -> None:
     )
     ensure_demo_data(cfg)
     datamodule = BlueLMDataModule(cfg)
-    train.attach_tokenizer(cfg, datamodule.tokenizer)
-    train._quiet_known_warnings()
+    attach_tokenizer(cfg, datamodule.tokenizer)
+    quiet_known_warnings()
     stream = iter(datamodule.train_dataloader())
     batches = [next(stream) for _ in range(args.steps)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -139,7 +143,8 @@ def main() -> None:
 
     results: Dict[str, List[List[float]]] = {"raw": [], "lightning": []}
     for rep in range(args.repeats):
-        for name, fn in (("raw", run_raw), ("lightning", run_lightning)):
+        lightning = functools.partial(run_lightning, datamodule=datamodule)
+        for name, fn in (("raw", run_raw), ("lightning", lightning)):
             times = fn(cfg, batches, args.warmup)
             results[name].append(times)
             print(f"rep={rep} {name}_seconds={sum(times):.3f}", flush=True)

@@ -34,8 +34,7 @@ class LastCheckpoint(Callback):
         filename: str = "last.ckpt",
         resave_after_validation: bool = False,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        assert every_n_steps >= 1, every_n_steps  # checkpoint.every_n_steps is checked at start-up
         self.path = Path(dirpath) / filename
         self.every_n_steps = every_n_steps
         self._step_at_batch_start = -1

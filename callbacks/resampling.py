@@ -13,8 +13,8 @@ so sources whose loss fell least are drawn more. The multipliers reach the worke
 datamodule's shared-memory log (``weights.push``), from a batch index no worker has produced yet,
 which keeps resumed runs exact.
 
-It uses the datamodule's documented ``weights`` (a ``MixtureWeights``), ``consumed_batches`` and
-``first_unproduced_batch()``.
+It uses the datamodule's two documented methods ``mixture_weights()`` (source -> weight in
+force) and ``set_multipliers()``.
 """
 
 from __future__ import annotations
@@ -34,19 +34,15 @@ class ResamplingSchedule(L.Callback):
         self.multipliers: Optional[List[float]] = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        datamodule = trainer.datamodule
-        if trainer.global_step % trainer.log_every_n_steps or not hasattr(datamodule, "weights"):
+        if trainer.global_step % trainer.log_every_n_steps:
             return
-        weights = datamodule.weights(datamodule.consumed_batches)
-        total = sum(weights) or 1.0
-        for name, w in zip(datamodule.weights.names, weights, strict=True):
-            pl_module.log(f"data/weight/{name}", w / total, on_step=True, on_epoch=False)
+        for name, w in trainer.datamodule.mixture_weights().items():
+            pl_module.log(f"data/weight/{name}", w, on_step=True, on_epoch=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if not self.adaptive or trainer.sanity_checking or not hasattr(datamodule, "weights"):
+        if not self.adaptive or trainer.sanity_checking:
             return
-        names = datamodule.weights.names
+        names = list(trainer.datamodule.mixture_weights())
         metrics = trainer.callback_metrics
         losses = [metrics.get(f"val/loss/{n}") for n in names]
         if any(v is None for v in losses):
@@ -59,7 +55,7 @@ class ResamplingSchedule(L.Callback):
         if trainer.state.fn != "fit":
             return
         self.multipliers = self.update(self.multipliers, losses, self.reference)
-        datamodule.weights.push(datamodule.first_unproduced_batch(), self.multipliers)
+        trainer.datamodule.set_multipliers(dict(zip(names, self.multipliers, strict=True)))
 
     def update(self, multipliers: List[float], losses: List[float], reference: List[float]) -> List[float]:
         lag = [loss / max(ref, 1e-8) for loss, ref in zip(losses, reference, strict=True)]

@@ -1,11 +1,16 @@
 """The WebDataset LightningDataModule: mixed, streamed, padded batches for every stage, with an
 exactly resumable training stream.
 
-Resuming: every training batch carries the state of the reader slot that produced it. The
-training module hands each consumed batch's state to :meth:`BlueLMDataModule.consumed`; the
-datamodule's ``state_dict`` (stored by Lightning in every checkpoint) gathers those states from
-all ranks, with each rank's torch/numpy/python RNG states and the adaptive-weight log. On resume
+Resuming: every training batch carries the state of the reader slot that produced it, with its
+skip count and document sources. The datamodule takes these keys off the batch itself
+(``on_before_batch_transfer``); a batch's state counts once the optimizer update that trained on
+it has been applied (:meth:`BlueLMDataModule.step_done`, called by ``callbacks.DataProgress``).
+The ``state_dict`` (stored by Lightning in every checkpoint) gathers those states from all ranks,
+with each rank's torch/numpy/python RNG states and the adaptive-weight log. On resume
 ``load_state_dict`` gives each rank its own part before the training stream is created.
+
+Documented methods for callbacks: ``step_done()``, ``take_counts()`` (data progress),
+``mixture_weights()`` and ``set_multipliers()`` (mixture schedules).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
 import lightning as L
@@ -24,21 +31,34 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import Collator
 from datamodules.streams import MixedStream, MixtureWeights, build_sources, reader_shards
+from lit_bluelm.config import schedule_step
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import load_tokenizer
 
 PREFETCH = 2  # DataLoader prefetch_factor: batches requested ahead per worker
+BATCH_KEYS = ("skipped", "data_state", "doc_sources")  # the loader's bookkeeping, not model input
 
 
 def schedule_points(cfg: DictConfig, names: Sequence[str]) -> List[tuple]:
-    """``data.schedule`` as (step, [weight per source]); sources a point omits keep ``data.mix``."""
-    points = []
-    for i, point in enumerate(cfg.data.schedule):
-        step = point.step if point.step is not None else round(point.at * cfg.trainer.max_steps)
-        points.append((step, [float(point.mix.get(n, cfg.data.mix[n])) for n in names]))
-        if i and points[-1][0] < points[-2][0]:
-            raise ValueError("data.schedule: points must be in step order")  # validate() checks first
-    return points
+    """``data.schedule`` as (step, [weight per source]); sources a point omits keep ``data.mix``.
+    (The config checks guarantee step order.)"""
+    return [
+        (
+            schedule_step(point, cfg.trainer.max_steps),
+            [float(point.mix.get(n, cfg.data.mix[n])) for n in names],
+        )
+        for point in cfg.data.schedule
+    ]
+
+
+@dataclass
+class DataCounts:
+    """What this rank's training batches held since the last ``take_counts()``."""
+
+    skipped: int = 0  # samples the loader skipped (unreadable or bad)
+    real_tokens: int = 0
+    slots: int = 0  # row slots (real tokens + padding)
+    documents: Counter = field(default_factory=Counter)  # documents per source
 
 
 class BlueLMDataModule(L.LightningDataModule):
@@ -64,6 +84,7 @@ class BlueLMDataModule(L.LightningDataModule):
         self._slots: Dict[int, Any] = {}  # slot -> state after the last trained batch it produced
         self._consumed = 0  # rank-local training batches trained on (at optimizer-step boundaries)
         self._pending: List[Dict[str, Any]] = []  # batches of the optimizer step in progress
+        self._counts = DataCounts()
 
     # ------------------------------------------------------------------ loaders
 
@@ -124,13 +145,28 @@ class BlueLMDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ progress and resume
 
-    def consumed(self, data_state: Dict[str, Any]) -> None:
-        """Called by the training module for every training batch, before training on it."""
-        self._pending.append(data_state)
+    def on_before_batch_transfer(self, batch: Dict[str, Any], dataloader_idx: int) -> Dict[str, Any]:
+        """Take the loader's bookkeeping off the batch (still CPU tensors: no device sync)."""
+        skipped, data_state, sources = (batch.pop(k, None) for k in BATCH_KEYS)
+        if self.trainer is not None and self.trainer.training:
+            if data_state is not None:
+                self._pending.append(data_state)
+            self._counts.documents.update(sources or ())
+            self._counts.skipped += int(skipped) if skipped is not None else 0
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                self._counts.real_tokens += int(mask.sum())
+                self._counts.slots += mask.numel()
+        return batch
+
+    def take_counts(self) -> DataCounts:
+        """This rank's counts since the last call (then reset)."""
+        counts, self._counts = self._counts, DataCounts()
+        return counts
 
     def step_done(self) -> None:
-        """Called by the training module when an optimizer step completes: the batches it
-        trained on now count (a crash mid-step resumes before them)."""
+        """The optimizer update that trained on the pending batches has been applied: their
+        stream states now count (a crash before or inside the step resumes before them)."""
         for data_state in self._pending:
             self._slots[int(data_state["slot"])] = data_state["state"]
             self._consumed = int(data_state["batch"]) + 1
@@ -145,6 +181,17 @@ class BlueLMDataModule(L.LightningDataModule):
         ``PREFETCH`` batches each ahead, and Lightning fetches one more."""
         ahead = PREFETCH * self.cfg.data.num_workers if self.cfg.data.num_workers else 0
         return self._consumed + ahead + 2
+
+    def mixture_weights(self) -> Dict[str, float]:
+        """Source -> normalised sampling weight in force at the current training batch."""
+        weights = self.weights(self._consumed)
+        total = sum(weights) or 1.0
+        return {name: w / total for name, w in zip(self.weights.names, weights, strict=True)}
+
+    def set_multipliers(self, multipliers: Dict[str, float]) -> None:
+        """Scale the scheduled weights by ``multipliers`` (source -> factor) from the first batch
+        no worker has produced yet, so every worker, and a resumed run, switches at one batch."""
+        self.weights.push(self.first_unproduced_batch(), [float(multipliers[n]) for n in self.weights.names])
 
     def layout(self) -> Dict[str, Any]:
         """What a saved stream state is only valid for: resuming under anything else restarts

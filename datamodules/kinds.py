@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lit_bluelm.chat import cot_messages, render_chat
-from lit_bluelm.objectives.lm import IGNORE_INDEX
+from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import IMAGE
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 import torch
 
 from datamodules.kinds import Example
-from lit_bluelm.objectives.lm import IGNORE_INDEX
+from lit_bluelm.labels import IGNORE_INDEX
 
 
 def split_long(example: Example, seq_len: int) -> List[Example]:

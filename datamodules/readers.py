@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import webdataset as wds
 
 from datamodules.kinds import SAMPLE_KINDS, Example
-from lit_bluelm.config import ConfigError
+from lit_bluelm.errors import ConfigError
 from lit_bluelm.processor import BlueLMProcessor
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from datamodules.kinds import SAMPLE_KINDS, Example
 from datamodules.packing import RowBuilder
 from datamodules.readers import SkipCounter, Source, SourceReader, reader_shards
-from lit_bluelm.config import ConfigError
+from lit_bluelm.errors import ConfigError
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.registry import lookup
 

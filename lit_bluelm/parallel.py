@@ -1,9 +1,10 @@
-"""FSDP2: sharding the composed model (``apply_fsdp``, called from ``configure_model``) and the
-Lightning strategy that sets up the data-parallel mesh for it."""
+"""Strategies and precision: the one mapping from ``trainer.strategy`` / ``trainer.precision``
+to Lightning's arguments and FSDP2's dtype; sharding the composed model (``apply_fsdp``, called
+from ``configure_model``); and the Lightning strategy that sets up the data-parallel mesh."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -11,6 +12,19 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lit_bluelm.models.bluelm import BlueLM
+
+
+def strategy_and_precision(strategy: str, precision: str) -> Tuple[Any, str]:
+    """Lightning's ``strategy`` and ``precision`` for the config's names. Under fsdp, bf16-mixed is
+    done by FSDP2's MixedPrecisionPolicy (``fsdp_param_dtype``), so the Trainer runs 32-true."""
+    if strategy != "fsdp":
+        return strategy, precision
+    return FSDP2Strategy(), "32-true" if precision == "bf16-mixed" else precision
+
+
+def fsdp_param_dtype(precision: str) -> Optional[torch.dtype]:
+    """FSDP2's compute dtype for ``trainer.precision`` (None: the parameters' own)."""
+    return torch.bfloat16 if precision == "bf16-mixed" else None
 
 
 def apply_fsdp(

@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from lit_bluelm.models.adapter import tokens_per_tile
-from lit_bluelm.models.anyres import candidate_grids, image_to_tiles
+from lit_bluelm.anyres import candidate_grids, image_to_tiles, tokens_per_tile
 from lit_bluelm.tokenizer import IMAGE
 
 

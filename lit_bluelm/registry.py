@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, TypeVar
 
-from lit_bluelm.config import ConfigError
+from lit_bluelm.errors import ConfigError
 
 T = TypeVar("T")
 

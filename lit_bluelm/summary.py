@@ -1,4 +1,4 @@
-"""Compare finished runs by the ``summary.json`` that ``train.py`` writes into each run directory.
+"""A run's ``summary.json`` (written at the end of every ``train.py`` run) and comparing runs by it.
 
     python -m lit_bluelm.summary RUN_DIR [RUN_DIR ...] [--better RUN_A RUN_B]
 
@@ -14,11 +14,29 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_summary(run_dir: str | Path, record: Dict[str, Any]) -> Path:
+    """Write ``<run_dir>/summary.json`` (what ``load_summary`` and ``main`` read)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    """The closing ``key=value`` lines of a run (floats to 4 places; unset values left out)."""
+    for key, value in summary.items():
+        if value is not None:
+            print(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}", flush=True)
 
 
 def load_summary(run_dir: str) -> Dict:
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY_FILE
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (has the run finished?)")
     return json.loads(path.read_text())

@@ -8,7 +8,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lit_bluelm.config import ConfigError
+from lit_bluelm.errors import ConfigError
 
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"

@@ -9,20 +9,20 @@ import torch.nn.functional as F
 
 import train
 from lit_bluelm.config import ConfigError, load_config
+from lit_bluelm.frozen import load_frozen_llm, resolve_source
 from lit_bluelm.models.llm import build_from_config
 from lit_bluelm.models.prune import Importance, measure_importance, prune_into
-from lit_bluelm.modules.teacher import check_teacher, resolve_teacher
+from lit_bluelm.modules.distill import check_teacher
 from lit_bluelm.objectives import (
     Head,
     KDOptions,
-    chunked_linear_loss,
-    naive_linear_loss,
     next_token_head_loss,
     next_token_loss,
 )
+from lit_bluelm.objectives import distill_linear_loss as chunked_linear_loss
+from lit_bluelm.objectives import naive_distill_loss as naive_linear_loss
 from lit_bluelm.tokenizer import load_tokenizer
-from tests.conftest import SMALL, text_args
-from tests.test_train import _scalars
+from tests.helpers import SMALL, scalars, text_args
 
 # ----------------------------------------------------------------------------- loss math
 
@@ -214,7 +214,7 @@ def test_pruning_refuses_a_student_larger_than_its_teacher():
 def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(demo_dir, tmp_path):
     tokenizer = load_tokenizer(demo_dir / "tokenizer")
     with pytest.raises(ConfigError, match="vocabulary has 1024 entries, the student's 2048"):
-        check_teacher(resolve_teacher("tiny_teacher"), 2048, tokenizer)
+        check_teacher(resolve_source("tiny_teacher", "distill.teacher"), 2048, tokenizer)
     # a Hugging Face directory whose tokenizer maps tokens to other ids
     from lit_bluelm.tokenizer import train_tokenizer
 
@@ -222,16 +222,16 @@ def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(demo_dir, tmp_p
     _llm().save_pretrained(teacher_dir)
     train_tokenizer(["completely different words here"] * 50, SMALL.vocab_size, teacher_dir)
     with pytest.raises(ConfigError, match="tokenizer .* differs from tokenizer.path"):
-        check_teacher(resolve_teacher(str(teacher_dir)), 1024, tokenizer)
-    with pytest.raises(ConfigError, match="not a model preset"):
-        resolve_teacher(str(tmp_path / "nowhere"))
+        check_teacher(resolve_source(str(teacher_dir), "distill.teacher"), 1024, tokenizer)
+    with pytest.raises(ConfigError, match="distill.teacher: .* not a model preset"):
+        resolve_source(str(tmp_path / "nowhere"), "distill.teacher")
 
 
 def test_quantized_teacher_needs_a_gpu_and_a_hf_directory():
-    from lit_bluelm.modules.teacher import build_teacher
-
-    with pytest.raises(ConfigError, match="Hugging Face directory"):
-        build_teacher(resolve_teacher("tiny_teacher"), torch.float32, "8bit")
+    with pytest.raises(ConfigError, match="distill.quantize needs a Hugging Face directory"):
+        load_frozen_llm(
+            resolve_source("tiny_teacher", "distill.teacher"), torch.float32, "8bit", "distill.quantize"
+        )
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -252,11 +252,11 @@ def test_text_stage_distils_packs_and_keeps_the_teacher_out_of_checkpoints(demo_
     summary = train.run(
         load_config(args + ["distill.init_from_teacher=true", "distill.calibration_batches=2"])
     )
-    scalars = _scalars(run_dir)
+    tags = scalars(run_dir)
     for tag in ("train/loss", "train/ce_loss", "train/kd_loss", "data/packing_efficiency", "val/loss"):
-        assert tag in scalars, sorted(scalars)
-    assert min(v for _, v in scalars["data/packing_efficiency"]) > 0.9
-    assert all(v > 0 for _, v in scalars["train/kd_loss"])
+        assert tag in tags, sorted(tags)
+    assert min(v for _, v in tags["data/packing_efficiency"]) > 0.9
+    assert all(v > 0 for _, v in tags["train/kd_loss"])
     ckpt = torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")
     assert {k.split(".")[1] for k in ckpt["state_dict"]} == {"llm"}  # no teacher, no vision
     # resume continues the distillation run

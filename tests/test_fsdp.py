@@ -1,38 +1,20 @@
 """The sharded path: FSDP2 through Lightning's ModelParallelStrategy on 2 CPU processes (gloo)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from lit_bluelm.checkpoint import load_model_weights, read_model_state
 from lit_bluelm.config import load_config
 from lit_bluelm.models import build_model
-from lit_bluelm.modules.weights import load_model_weights, read_model_state
-from tests.conftest import ROOT, text_args, tiny_args
+from tests.helpers import text_args, tiny_args, train_subprocess
 
 pytestmark = pytest.mark.slow
-
-
-def _train(args, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and " " not in line)
 
 
 def test_fsdp_fit_two_processes_then_resume(demo_dir, tmp_path):
     run_dir = tmp_path / "fsdp"
     fsdp = ["trainer.strategy=fsdp", "trainer.devices=2", "trainer.val_check_interval=2"]
-    out = _train(tiny_args(demo_dir, run_dir, *fsdp, "trainer.max_steps=3"))
+    out = train_subprocess(tiny_args(demo_dir, run_dir, *fsdp, "trainer.max_steps=3"))
     assert out["global_step"] == "3"
     assert float(out["val_loss_after"]) < float(out["val_loss_before"])
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -41,7 +23,7 @@ def test_fsdp_fit_two_processes_then_resume(demo_dir, tmp_path):
     meta = torch.load(last / "meta.pt", weights_only=True, map_location="cpu")
     assert [r["consumed"] for r in meta["BlueLMDataModule"]["ranks"]] == [3, 3]
     # continue the sharded run
-    out = _train(tiny_args(demo_dir, run_dir, *fsdp, "trainer.max_steps=4", f"resume_from={last}"))
+    out = train_subprocess(tiny_args(demo_dir, run_dir, *fsdp, "trainer.max_steps=4", f"resume_from={last}"))
     assert out["global_step"] == "4"
     # the sharded checkpoint feeds a single-process model (init_from)
     state = read_model_state(last)
@@ -66,7 +48,7 @@ def test_fsdp_distillation_with_pruning_init(demo_dir, tmp_path):
         "distill.init_from_teacher=true",
         "distill.calibration_batches=1",
     )
-    out = _train(args)
+    out = train_subprocess(args)
     assert out["global_step"] == "2"
     state = read_model_state(run_dir / "checkpoints" / "last.ckpt")
     assert {k.split(".")[0] for k in state} == {"llm"}  # the teacher is never saved

@@ -6,7 +6,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 import train
@@ -15,10 +14,9 @@ from datamodules.collate import Collator
 from datamodules.datamodule import BlueLMDataModule
 from datamodules.streams import MixedStream, MixtureWeights, Source, expand_shards
 from lit_bluelm.config import load_config
-from lit_bluelm.modules import BlueLMModule
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import load_tokenizer
-from tests.conftest import data_args, text_args, tiny_args
+from tests.helpers import data_args, scalars, text_args, tiny_args, train_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +118,9 @@ def test_a_different_layout_warns_and_restarts_the_streams(demo_dir):
 # ----------------------------------------------------------------------------- exact resume
 
 
-def _scalars(run_dir, tag):
-    out = {}
-    for events in (run_dir / "tensorboard").glob("events.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
+def tag_values(run_dir, tag):
+    """step -> value of one logged scalar."""
+    return dict(scalars(run_dir).get(tag, []))
 
 
 @pytest.mark.parametrize(
@@ -145,14 +138,14 @@ def test_resume_sees_exactly_the_uninterrupted_samples_and_losses(
 ):
     """12 uninterrupted steps against ``stop`` + the rest resumed from last.ckpt."""
     seen = []
-    original = BlueLMModule.on_before_batch_transfer
+    original = BlueLMDataModule.on_before_batch_transfer
 
     def record(self, batch, dataloader_idx):
         if self.trainer.training:
             seen.append((self.trainer.global_step, tuple(batch["key"])))
         return original(self, batch, dataloader_idx)
 
-    monkeypatch.setattr(BlueLMModule, "on_before_batch_transfer", record)
+    monkeypatch.setattr(BlueLMDataModule, "on_before_batch_transfer", record)
     make = tiny_args if stage == "joint" else text_args
     common = [
         f"data.num_workers={workers}",
@@ -170,7 +163,7 @@ def test_resume_sees_exactly_the_uninterrupted_samples_and_losses(
     def run(name, *extra):
         seen.clear()
         summary = train.run(load_config(make(demo_dir, tmp_path / name, *common, *extra)))
-        return summary, list(seen), _scalars(tmp_path / name, "train/loss")
+        return summary, list(seen), tag_values(tmp_path / name, "train/loss")
 
     _, full_keys, full_loss = run("full", "trainer.max_steps=12")
     # an odd stop with 2 workers: the resumed run's worker 0 continues slot 1
@@ -194,7 +187,7 @@ def test_fit_logs_realised_fractions_weights_and_per_source_val_loss(demo_dir, t
         "val/loss/image_text",
         "val/loss/text",
     ):
-        assert _scalars(run_dir, tag), tag
+        assert tag_values(run_dir, tag), tag
     # the adaptive update made after the validation at step 2 is in the checkpoint saved after it
     ckpt = torch.load(run_dir / "checkpoints" / "best-step=2.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["BlueLMDataModule"]["weight_log"] and ckpt["BlueLMDataModule"]["ranks"][0]["consumed"] == 2
@@ -217,8 +210,6 @@ def test_bad_mixtures_stop_at_start_up_naming_the_source(demo_dir, tmp_path, cap
 
 @pytest.mark.slow
 def test_two_ranks_with_an_odd_number_of_shards_run_the_same_batches_and_resume(demo_dir, tmp_path):
-    from tests.test_fsdp import _train
-
     run_dir = tmp_path / "ddp"
     odd = [
         f"data.sources.text.train={demo_dir}/train/text-{{000000..000002}}.tar",  # 3 shards, 2 ranks
@@ -228,12 +219,12 @@ def test_two_ranks_with_an_odd_number_of_shards_run_the_same_batches_and_resume(
         "validate_before_fit=false",
     ]
     # 12 steps cross two data epochs (each rank gets 2 of the 3 shards per epoch, dealt anew)
-    out = _train(text_args(demo_dir, run_dir, "module=next_token", "trainer.max_steps=12", *odd))
+    out = train_subprocess(text_args(demo_dir, run_dir, "module=next_token", "trainer.max_steps=12", *odd))
     assert out["global_step"] == "12"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     ranks = ckpt["BlueLMDataModule"]["ranks"]
     assert [r["consumed"] for r in ranks] == [12, 12]  # gathered from both ranks
     assert ranks[0]["slots"][0]["reader"] == 0 and ranks[1]["slots"][0]["reader"] == 1
     resume = [f"resume_from={run_dir}/checkpoints/last.ckpt", "trainer.max_steps=14"]
-    out = _train(text_args(demo_dir, run_dir, "module=next_token", *odd, *resume))
+    out = train_subprocess(text_args(demo_dir, run_dir, "module=next_token", *odd, *resume))
     assert out["global_step"] == "14"

@@ -3,6 +3,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from lit_bluelm.anyres import candidate_grids, image_to_tiles, select_best_grid
 from lit_bluelm.config import ConfigError, load_config
 from lit_bluelm.models import (
     ADAPTERS,
@@ -13,7 +14,6 @@ from lit_bluelm.models import (
     build_model,
     tokens_per_tile,
 )
-from lit_bluelm.models.anyres import candidate_grids, image_to_tiles, select_best_grid
 from lit_bluelm.models.vision import build_tiny_vit, load_vision_weights
 
 

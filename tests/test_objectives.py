@@ -2,8 +2,9 @@ import math
 
 import torch
 
+from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.modules.optim import warmup_cosine
-from lit_bluelm.objectives import IGNORE_INDEX, next_token_loss
+from lit_bluelm.objectives import next_token_loss
 
 
 def test_next_token_loss_exact_on_hand_made_logits():

@@ -6,8 +6,9 @@ import torch
 from datamodules.collate import Collator
 from datamodules.packing import join, pack_stream, split_stream
 from lit_bluelm.config import load_config
+from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.models import build_model
-from lit_bluelm.objectives import IGNORE_INDEX, next_token_head_loss
+from lit_bluelm.objectives import next_token_head_loss
 
 
 def _doc(n: int, start: int = 10, key: str = "") -> dict:

@@ -2,23 +2,13 @@
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from lit_bluelm.checkpoint import load_model_weights, read_model_state
 from lit_bluelm.config import load_config, to_container
 from lit_bluelm.modules import NextTokenModule
-from lit_bluelm.modules.weights import load_model_weights, read_model_state
-from tests.conftest import tiny_args
-
-
-def _scalars(run_dir):
-    tags = {}
-    for events in (run_dir / "tensorboard").glob("events.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            tags.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return tags
+from lit_bluelm.trainer import attach_tokenizer, build_trainer
+from tests.helpers import scalars, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +24,12 @@ def test_fit_trains_logs_and_reports(fitted, capsys):
     assert summary["global_step"] == 3
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert (run_dir / "config.yaml").is_file()
-    scalars = _scalars(run_dir)
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()  # the run's own tokenizer copy
+    tags = scalars(run_dir)
     for tag in ("train/loss", "val/loss", "val/ppl", "data/skipped"):
-        assert tag in scalars, sorted(scalars)
-    assert any(t.startswith("lr-") for t in scalars)
-    assert sorted({step for step, _ in scalars["train/loss"]}) == [0, 1, 2]
+        assert tag in tags, sorted(tags)
+    assert any(t.startswith("lr-") for t in tags)
+    assert sorted({step for step, _ in tags["train/loss"]}) == [0, 1, 2]
 
 
 def test_checkpoints_load_weights_only_with_every_component(fitted):
@@ -69,7 +60,7 @@ def test_resume_continues_step_optimizer_and_schedule(fitted, tmp_path, demo_dir
     state_before = before["optimizer_states"][0]["state"][0]["step"]
     assert after["optimizer_states"][0]["state"][0]["step"] == state_before + 2
     # the resumed steps were logged after the first ones
-    steps = sorted({s for s, _ in _scalars(run_dir)["train/loss"]})
+    steps = sorted({s for s, _ in scalars(run_dir)["train/loss"]})
     assert steps[-2:] == [3, 4]
 
 
@@ -123,8 +114,8 @@ def test_a_crash_leaves_a_checkpoint_to_resume_from(demo_dir, tmp_path):
     run_dir = tmp_path / "crash"
     cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=10"))
     datamodule = BlueLMDataModule(cfg)
-    train.attach_tokenizer(cfg, datamodule.tokenizer)
-    trainer = train.build_trainer(cfg)
+    attach_tokenizer(cfg, datamodule.tokenizer)
+    trainer = build_trainer(cfg, _Crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.fit(_Crash(to_container(cfg)), datamodule=datamodule)
     saved = run_dir / "checkpoints" / "on_exception.ckpt"
@@ -164,3 +155,29 @@ def test_too_few_shards_for_the_readers_is_a_one_line_error(demo_dir, tmp_path, 
     assert train.main(tiny_args(demo_dir, tmp_path, "data.num_workers=5", "trainer.max_steps=1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: data.sources.") and "data.num_workers" in err[-1]
+
+
+class _FailingStep(NextTokenModule):
+    """Raises inside the optimizer step of step 2, after its forward and backward ran."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.global_step == 2:
+            optimizer_closure()
+            raise RuntimeError("failure inside optimizer.step")
+        return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+def test_a_batch_counts_only_once_its_optimizer_update_is_applied(demo_dir, tmp_path):
+    from datamodules.datamodule import BlueLMDataModule
+
+    run_dir = tmp_path / "failstep"
+    cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=10"))
+    datamodule = BlueLMDataModule(cfg)
+    attach_tokenizer(cfg, datamodule.tokenizer)
+    trainer = build_trainer(cfg, _FailingStep)
+    with pytest.raises(RuntimeError, match="inside optimizer.step"):
+        trainer.fit(_FailingStep(to_container(cfg)), datamodule=datamodule)
+    saved = torch.load(run_dir / "checkpoints" / "on_exception.ckpt", weights_only=True, map_location="cpu")
+    # steps 0 and 1 were applied; the batch of the failed step 2 is read again on resume
+    assert saved["global_step"] == 2
+    assert saved["BlueLMDataModule"]["ranks"][0]["consumed"] == 2

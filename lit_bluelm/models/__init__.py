@@ -1,6 +1,7 @@
 """Plain ``nn.Module``s: no Lightning, no data pipeline. Reused by training, generation, export."""
 
-from lit_bluelm.models.adapter import ADAPTERS, MLPAdapter, tokens_per_tile
+from lit_bluelm.anyres import tokens_per_tile
+from lit_bluelm.models.adapter import ADAPTERS, MLPAdapter
 from lit_bluelm.models.bluelm import BlueLM
 from lit_bluelm.models.build import build_model, parameter_table
 from lit_bluelm.models.llm import LLMS

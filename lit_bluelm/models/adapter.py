@@ -12,13 +12,6 @@ from torch import nn
 from lit_bluelm.config import AdapterConfig
 
 
-def tokens_per_tile(grid_size: int, downsample: int) -> int:
-    """LLM tokens one tile becomes: a grid x grid patch map, padded to a multiple of
-    ``downsample`` and merged ``downsample`` x ``downsample`` (27x27 -> 28x28 -> 14x14 = 196)."""
-    side = math.ceil(grid_size / downsample)
-    return side * side
-
-
 class MLPAdapter(nn.Module):
     """Patch tokens [N, g*g, C] -> LLM embeddings [N, ceil(g/d)^2, D].
 

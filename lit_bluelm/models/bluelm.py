@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
-from lit_bluelm.models.adapter import tokens_per_tile
+from lit_bluelm.anyres import tokens_per_tile
 from lit_bluelm.models.vision import VisionTower
 
 

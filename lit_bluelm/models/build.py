@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -15,13 +15,15 @@ from lit_bluelm.models.vision import VISION_ENCODERS
 from lit_bluelm.registry import lookup
 
 
-def build_model(cfg: DictConfig, device: str | torch.device | None = None) -> BlueLM:
-    """Random-init (or local-weights) BlueLM. ``device="meta"`` builds shapes only (dry run).
+def build_model(cfg: DictConfig, context: Any = None, device: str | torch.device | None = None) -> BlueLM:
+    """Random-init (or local-weights) BlueLM from ``cfg.model``, with the stage's ``context``
+    section applied to the LLM. ``device="meta"`` builds shapes only (dry run).
 
     ``model.text_only: true`` builds the LLM alone (no vision tower, no adapter).
     """
+    rope = context.rope if context is not None else None
     with torch.device(device) if device is not None else nullcontext():
-        llm = lookup(LLMS, cfg.llm.name, "model.llm.name")(cfg.llm)
+        llm = lookup(LLMS, cfg.llm.name, "model.llm.name")(cfg.llm, rope)
         check_output_head(llm.config)
         vision = adapter = None
         if not cfg.text_only:

@@ -13,6 +13,7 @@ With ``distill.init_from_teacher`` the student's LLM starts as a pruned copy of 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -20,20 +21,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from lit_bluelm.config import ConfigError
+from lit_bluelm.errors import ConfigError
+from lit_bluelm.frozen import check_quantize, load_frozen_llm, resolve_source
 from lit_bluelm.models import BlueLM
 from lit_bluelm.models.llm import llm_config
 from lit_bluelm.models.prune import check_prunable, measure_importance, prune_into, reduce_importance
-from lit_bluelm.modules.base import Batch, BlueLMModule
-from lit_bluelm.modules.teacher import build_teacher, check_teacher, resolve_teacher
-from lit_bluelm.objectives import Head, KDOptions
+from lit_bluelm.modules.base import Batch
+from lit_bluelm.modules.next_token import NextTokenModule
+from lit_bluelm.objectives import Head, KDOptions, distill_head_loss
+from lit_bluelm.tokenizer import load_tokenizer
+
+TEACHER_KEY = "distill.teacher"
 
 
-class DistillModule(BlueLMModule):
+class DistillModule(NextTokenModule):
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__(cfg)
-        d = self.cfg.distill
-        self.kd = KDOptions(alpha=d.alpha, temperature=d.temperature, reverse=d.reverse, top_k=d.top_k)
+        self.kd = KDOptions.of(self.cfg.distill)
         # not a registered submodule: out of state_dict, optimizer, FSDP and .to() (moved by hand)
         self.__dict__["_teacher"] = None
 
@@ -47,19 +51,15 @@ class DistillModule(BlueLMModule):
         for name, src in cfg.data.sources.items():
             if src.kind == "image_text" and cfg.data.mix[name] > 0:
                 raise ConfigError(f"module=distill trains on text: data.sources.{name} is {src.kind}")
-        source = resolve_teacher(cfg.distill.teacher)
-        student = llm_config(cfg.model.llm)
+        source = resolve_source(cfg.distill.teacher, TEACHER_KEY)
+        student = llm_config(cfg.model.llm, cfg.context.rope)
         check_teacher(source, student.vocab_size, tokenizer)
         if cfg.distill.init_from_teacher:
             check_prunable(source.hf_config, student, cfg.distill.keep_layers)
-        if cfg.distill.quantize != "none":
-            if source.llm.name != "from_pretrained":
-                raise ConfigError("distill.quantize needs a Hugging Face directory as distill.teacher")
-            if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
-                raise ConfigError(f"distill.quantize={cfg.distill.quantize} needs a GPU (bitsandbytes)")
+        check_quantize(source, cfg.distill.quantize, "distill.quantize")
         if cfg.data.packing and str(source.llm.attn_implementation).startswith("flash"):
             raise ConfigError(
-                "distill.teacher uses flash attention, which would attend across packed documents"
+                f"{TEACHER_KEY} uses flash attention, which would attend across packed documents"
             )
 
     # ------------------------------------------------------------------ teacher
@@ -67,7 +67,9 @@ class DistillModule(BlueLMModule):
     def _load_teacher(self) -> PreTrainedModel:
         d = self.cfg.distill
         dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else torch.float32
-        teacher = build_teacher(resolve_teacher(d.teacher), dtype, d.quantize)
+        teacher = load_frozen_llm(
+            resolve_source(d.teacher, TEACHER_KEY), dtype, d.quantize, "distill.quantize"
+        )
         if d.quantize == "none" and self._trainer is not None:
             teacher.to(self.trainer.strategy.root_device)
         n = sum(p.numel() for p in teacher.parameters())
@@ -113,7 +115,14 @@ class DistillModule(BlueLMModule):
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        parts = self.lm_loss(batch, self.teacher_hidden(batch), self.teacher_head(), self.kd)
+        head_fn = distill_head_loss(
+            batch["labels"],
+            self.cfg.loss.chunk_size,
+            self.teacher_hidden(batch),
+            self.teacher_head(),
+            self.kd,
+        )
+        parts = self.forward_loss(batch, head_fn)
         size = batch["input_ids"].shape[0]
         self.log("train/loss", parts.loss, prog_bar=True, batch_size=size)
         self.log("train/ce_loss", parts.ce, batch_size=size)
@@ -121,10 +130,30 @@ class DistillModule(BlueLMModule):
         return parts.loss
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
         leaked = [k for k in checkpoint.get("state_dict", {}) if k.startswith("teacher.")]
         assert not leaked, f"teacher weights in a checkpoint: {leaked[:3]}"
 
     @property
     def teacher(self) -> Optional[PreTrainedModel]:
         return self.__dict__["_teacher"]
+
+
+def check_teacher(source, student_vocab: int, tokenizer) -> None:
+    """Logit distillation compares distributions over the same token ids: refuse a teacher whose
+    vocabulary size or tokenizer differs from the student's."""
+    vocab = source.hf_config.vocab_size
+    if vocab != student_vocab:
+        raise ConfigError(
+            f"{TEACHER_KEY}: its vocabulary has {vocab} entries, the student's {student_vocab} "
+            "(model.llm.config.vocab_size); logit distillation needs the same vocabulary"
+        )
+    if source.tokenizer is None or not Path(source.tokenizer).exists():
+        return  # a preset teacher, or a directory without tokenizer files: ids are assumed shared
+    theirs, ours = load_tokenizer(source.tokenizer).get_vocab(), tokenizer.get_vocab()
+    if theirs != ours:
+        differ = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])
+        raise ConfigError(
+            f"{TEACHER_KEY}: its tokenizer ({source.tokenizer}) differs from tokenizer.path: "
+            f"{len(theirs)} vs {len(ours)} tokens, {len(differ)} (token, id) pairs differ, "
+            f"e.g. {differ[0]!r}"
+        )

@@ -1,75 +1,81 @@
-"""Cross-entropy and logit distillation computed from hidden states, in chunks of tokens.
-
-With a 150k vocabulary the ``[tokens, vocab]`` float32 logits are the memory peak of a step, and
-distillation doubles them (student and teacher) and their softmax intermediates. Here the
-output projection, the losses and their gradient with respect to the logits run one chunk of
-tokens at a time inside one autograd node: each chunk's logits exist only while that chunk is
-processed, and the gradients of the hidden states, of the output weight and of its bias are
-accumulated chunk by chunk during the forward pass (nothing is recomputed in backward).
+"""Logit distillation: the ``distill`` config section and the CE + KD loss on chunked logits.
 
 Loss = ``alpha`` * CE + (1 - ``alpha``) * T^2 * KL at temperature T, every term a mean over the
 counted tokens. KL is forward, KL(teacher || student), or reverse, KL(student || teacher). With
 ``top_k`` only the teacher's k largest logits per token are kept (renormalised): the forward KL
 then compares them with the student's full-vocabulary log-probabilities, the reverse KL
-renormalises the student over the same k tokens.
+renormalises the student over the same k tokens. The teacher's logits are computed chunk by
+chunk beside the student's (``objectives.linear_loss``), so neither ever exists in full.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from lit_bluelm.objectives.lm import IGNORE_INDEX
+from lit_bluelm.errors import ConfigError, at_least, choice, in_range
+from lit_bluelm.objectives.linear_loss import Head, chunked_linear_loss, naive_linear_loss
+from lit_bluelm.objectives.lm import LossParts, TokenCE, shift_and_select, token_ce
 
 
-@dataclass(frozen=True)
+@dataclass
 class KDOptions:
-    alpha: float = 0.5  # weight of CE; 1 - alpha goes to the distillation term
+    """What the KD math needs (the ``distill`` section's loss options)."""
+
+    alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * T^2 * KL
     temperature: float = 1.0
     reverse: bool = False  # KL(student || teacher) instead of KL(teacher || student)
     top_k: Optional[int] = None  # keep only the teacher's k largest logits per token
 
-
-class Head(NamedTuple):
-    """An output projection: logits = hidden @ weight.T + bias. ``weight`` [V, D], ``bias`` [V]."""
-
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor] = None
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [N, V] (the matmul runs in the weight's dtype, as the model's head would)."""
-        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+    @classmethod
+    def of(cls, section: Any) -> KDOptions:
+        """The KD options of a ``distill`` config section."""
+        return cls(**{f.name: section[f.name] for f in fields(cls)})
 
 
-class LossParts(NamedTuple):
-    loss: torch.Tensor  # what is optimised (differentiable)
-    ce: torch.Tensor  # mean CE (detached)
-    kd: torch.Tensor  # mean T^2-scaled KL (detached; 0 without a teacher)
-    count: torch.Tensor  # number of counted tokens
+@dataclass
+class DistillConfig(KDOptions):
+    """The ``distill`` section (``module: distill``): the KD options plus the teacher."""
+
+    # configs/model preset name (random init: smoke tests only), a local Hugging Face model
+    # directory, or a lit-bluelm checkpoint file (its saved config says how to build the LLM)
+    teacher: Optional[str] = None
+    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes; GPU and a Hugging Face teacher)
+    # Minitron-style pruning init: the student's LLM is cut out of the teacher's
+    init_from_teacher: bool = False
+    keep_layers: Optional[List[int]] = None  # teacher layers to keep; default: the most important
+    calibration_batches: int = 8  # training batches that measure layer/head/channel importance
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        d = cfg.distill
+        choice(cfg, "distill.quantize", ("none", "8bit", "4bit"))
+        in_range(cfg, "distill.alpha", 0.0, 1.0)
+        if not d.temperature > 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
+        at_least(cfg, "distill.top_k", 1, allow_none=True)
+        at_least(cfg, "distill.calibration_batches", 1)
+        if d.init_from_teacher and cfg.init_from:
+            raise ConfigError(
+                "distill.init_from_teacher and init_from both set the starting weights: pick one"
+            )
+        if d.init_from_teacher and cfg.module != "distill":
+            raise ConfigError(f"distill.init_from_teacher needs module=distill, not {cfg.module}")
+        if d.keep_layers is not None and not d.init_from_teacher:
+            raise ConfigError("distill.keep_layers only applies with distill.init_from_teacher=true")
+        if d.init_from_teacher and d.quantize != "none":
+            raise ConfigError("distill.init_from_teacher copies teacher weights: use distill.quantize=none")
+        if d.teacher:
+            from lit_bluelm.frozen import resolve_source  # reads a checkpoint's saved config, safely
+
+            resolve_source(d.teacher, "distill.teacher")
 
 
-def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token CE [N] of float32 ``logits`` [N, V], as logsumexp - target logit: no [N, V]
-    log-probabilities are kept for backward."""
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
-
-
-def ce_kd_sums(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_logits: Optional[torch.Tensor] = None,
-    opts: KDOptions = KDOptions(),
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and summed T^2-scaled KL over the rows of float32 ``logits`` [N, V].
-
-    ``targets`` [N] are all counted (selection happens before); ``teacher_logits`` [N, V] or None.
-    """
-    ce = token_ce(logits, targets).sum()
-    if teacher_logits is None:
-        return ce, logits.new_zeros(())
+def kd_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    """Summed T^2-scaled KL over the rows of float32 ``logits`` and ``teacher_logits`` [N, V]."""
     t = opts.temperature
     with torch.no_grad():
         teacher = teacher_logits / t
@@ -90,84 +96,54 @@ def ce_kd_sums(
     else:  # sum p log p - sum p log q, the first term constant; vdot keeps no [N, V] product
         p = log_p.exp()
         kl = torch.vdot(p.flatten(), log_p.flatten()) - torch.vdot(p.flatten(), log_q.flatten())
-    return ce, kl * (t * t)
+    return kl * (t * t)
 
 
-def _combine(ce: torch.Tensor, kd: torch.Tensor, count: int, opts: KDOptions, teacher: bool) -> torch.Tensor:
-    if not teacher:
-        return ce / max(count, 1)
-    return (opts.alpha * ce + (1.0 - opts.alpha) * kd) / max(count, 1)
+class CEWithKD:
+    """A ChunkLoss: statistics [CE sum, KD sum]; the teacher's logits are made per chunk."""
+
+    def __init__(
+        self, targets: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: Head, opts: KDOptions
+    ):
+        self.targets, self.teacher_hidden, self.teacher_head, self.opts = (
+            targets,
+            teacher_hidden,
+            teacher_head,
+            opts,
+        )
+
+    def sums(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = self.teacher_head.logits(self.teacher_hidden[rows])
+        return torch.stack([token_ce(logits, self.targets[rows]).sum(), kd_sum(logits, t_logits, self.opts)])
+
+    def combine(self, stats: torch.Tensor) -> torch.Tensor:
+        return (self.opts.alpha * stats[0] + (1.0 - self.opts.alpha) * stats[1]) / max(
+            self.targets.shape[0], 1
+        )
 
 
-class _ChunkedLinearLoss(torch.autograd.Function):
-    """One autograd node for head projection + losses; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_head, opts, chunk_size, needs):
-        n = hidden.shape[0]
-        device = hidden.device.type
-        # the head matmuls run in the autocast dtype when autocast is on (as the model's own head
-        # would); casts happen once here, not per chunk, and autocast is off for the explicit ops
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        # (needs, not ctx.needs_input_grad: that stays True under no_grad)
-        need_h, need_w, need_b = needs
-        wants_grad = any(needs)  # False in validation: sums only, no gradient buffers
-        with torch.autocast(device, enabled=False):
-            head = Head(weight.to(dtype), bias.to(dtype) if bias is not None else None)
-            has_teacher = teacher_hidden is not None
-            if has_teacher:
-                teacher_head = Head(*(x.to(dtype) if x is not None else None for x in teacher_head))
-            grad_h = torch.zeros_like(hidden) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            ce_total = hidden.new_zeros((), dtype=torch.float32)
-            kd_total = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, n, chunk_size):
-                stop = start + chunk_size
-                h = hidden[start:stop]
-                t_logits = teacher_head.logits(teacher_hidden[start:stop]) if has_teacher else None
-                logits = head.logits(h).requires_grad_(wants_grad)  # a leaf of this chunk's graph
-                with torch.set_grad_enabled(wants_grad):
-                    ce, kd = ce_kd_sums(logits, targets[start:stop], t_logits, opts)
-                    del t_logits  # not needed by the chunk's backward
-                    if wants_grad:
-                        part = _combine(ce, kd, n, opts, has_teacher)
-                        (g,) = torch.autograd.grad(part, logits)  # d loss / d chunk logits [n_chunk, V]
-                del logits
-                if need_h:
-                    grad_h[start:stop] = g.to(dtype) @ head.weight
-                if need_w:
-                    grad_w.addmm_(g.t(), h.float())
-                if need_b:
-                    grad_b += g.sum(0)
-                ce_total += ce.detach()
-                kd_total += kd.detach()
-        loss = _combine(ce_total, kd_total, n, opts, has_teacher)
-        # kept on ctx, not saved for backward: backward scales them in place (no second copy of
-        # the [V, D] weight gradient) and hands them over, so the node runs backward once only
-        ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        ce_mean, kd_mean = ce_total / max(n, 1), kd_total / max(n, 1)
-        ctx.mark_non_differentiable(ce_mean, kd_mean)
-        return loss, ce_mean, kd_mean
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        if ctx.grads is None:
-            raise RuntimeError("chunked_linear_loss: backward ran twice (retain_graph is not supported)")
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None
-        w_dtype, b_dtype = ctx.dtypes
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss).to(w_dtype)
-        if grad_b is not None:
-            grad_b = grad_b.mul_(grad_loss).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+def _loss_fn(hidden, head, targets, teacher_hidden, teacher_head, opts):
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("teacher_hidden and teacher_head come together")
+    if teacher_hidden is None:
+        return TokenCE(targets)
+    if teacher_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"teacher has {teacher_hidden.shape[0]} tokens, student {hidden.shape[0]}")
+    if teacher_head.weight.shape[0] != head.weight.shape[0]:
+        raise ValueError(
+            f"teacher vocabulary {teacher_head.weight.shape[0]} != student vocabulary {head.weight.shape[0]}"
+        )
+    teacher_head = Head(*(x.detach() if x is not None else None for x in teacher_head))
+    return CEWithKD(targets, teacher_hidden.detach(), teacher_head, opts)
 
 
-def chunked_linear_loss(
+def _parts(loss: torch.Tensor, stats: torch.Tensor, n: int, device) -> LossParts:
+    kd = stats[1] / max(n, 1) if stats.shape[0] > 1 else stats.new_zeros(())
+    return LossParts(loss, stats[0] / max(n, 1), kd, torch.tensor(n, device=device))
+
+
+def distill_linear_loss(
     hidden: torch.Tensor,
     head: Head,
     targets: torch.Tensor,
@@ -179,32 +155,13 @@ def chunked_linear_loss(
     """CE (+ KD) of ``hidden`` [N, D] against ``targets`` [N] (all counted), chunk by chunk.
 
     ``teacher_hidden`` [N, Dt] and ``teacher_head`` give the teacher's logits; without them the
-    loss is plain CE. Gradients match the naive computation on full logits (``naive_linear_loss``).
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if (teacher_hidden is None) != (teacher_head is None):
-        raise ValueError("teacher_hidden and teacher_head come together")
-    if teacher_hidden is not None and teacher_hidden.shape[0] != hidden.shape[0]:
-        raise ValueError(f"teacher has {teacher_hidden.shape[0]} tokens, student {hidden.shape[0]}")
-    if teacher_head is not None and teacher_head.weight.shape[0] != head.weight.shape[0]:
-        raise ValueError(
-            f"teacher vocabulary {teacher_head.weight.shape[0]} != student vocabulary {head.weight.shape[0]}"
-        )
-    teacher_hidden = teacher_hidden.detach() if teacher_hidden is not None else None
-    if teacher_head is not None:
-        teacher_head = Head(*(x.detach() if x is not None else None for x in teacher_head))
-    needs = tuple(
-        torch.is_grad_enabled() and x is not None and x.requires_grad
-        for x in (hidden, head.weight, head.bias)
-    )
-    loss, ce, kd = _ChunkedLinearLoss.apply(
-        hidden, head.weight, head.bias, targets, teacher_hidden, teacher_head, opts, chunk_size, needs
-    )
-    return LossParts(loss, ce, kd, torch.tensor(hidden.shape[0], device=hidden.device))
+    loss is plain CE. Values and gradients match :func:`naive_distill_loss`."""
+    fn = _loss_fn(hidden, head, targets, teacher_hidden, teacher_head, opts)
+    loss, stats = chunked_linear_loss(hidden, head, fn, chunk_size)
+    return _parts(loss, stats, hidden.shape[0], hidden.device)
 
 
-def naive_linear_loss(
+def naive_distill_loss(
     hidden: torch.Tensor,
     head: Head,
     targets: torch.Tensor,
@@ -213,62 +170,21 @@ def naive_linear_loss(
     opts: KDOptions = KDOptions(),
 ) -> LossParts:
     """The same loss with full ``[N, V]`` logits and plain autograd (reference and benchmark)."""
-    logits = head.logits(hidden)
-    t_logits = None
-    if teacher_hidden is not None:
-        with torch.no_grad():
-            t_logits = teacher_head.logits(teacher_hidden)
-    ce, kd = ce_kd_sums(logits, targets, t_logits, opts)
-    n = hidden.shape[0]
-    loss = _combine(ce, kd, n, opts, t_logits is not None)
-    return LossParts(loss, ce.detach() / max(n, 1), kd.detach() / max(n, 1), torch.tensor(n))
+    fn = _loss_fn(hidden, head, targets, teacher_hidden, teacher_head, opts)
+    loss, stats = naive_linear_loss(hidden, head, fn)
+    return _parts(loss, stats, hidden.shape[0], hidden.device)
 
 
-def shift_and_select(labels: torch.Tensor, *hidden: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Next-token targets: position t predicts ``labels[:, t + 1]``. Returns the counted targets
-    [N] followed by each ``hidden`` [B, T, D] reduced to the same N positions [N, D]."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    return (targets[keep], *(h[:, :-1][keep] for h in hidden))
-
-
-def next_token_head_loss(
-    labels: torch.Tensor,
-    chunk_size: int,
-    teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_head: Optional[Head] = None,
-    opts: KDOptions = KDOptions(),
+def distill_head_loss(
+    labels: torch.Tensor, chunk_size: int, teacher_hidden: torch.Tensor, teacher_head: Head, opts: KDOptions
 ):
-    """A ``head_fn`` for ``BlueLM.forward``: next-token CE (+ KD against ``teacher_hidden``
-    [B, T, Dt]) of the final hidden states, computed chunk by chunk. Returns :class:`LossParts`."""
+    """A ``head_fn`` for ``BlueLM.forward``: next-token CE + KD against the teacher's final
+    hidden states ``teacher_hidden`` [B, T, Dt], chunk by chunk. Returns :class:`LossParts`."""
 
     def head_fn(hidden: torch.Tensor, head: torch.nn.Linear) -> LossParts:
-        if teacher_hidden is None:
-            targets, h = shift_and_select(labels, hidden)
-            return chunked_linear_loss(h, Head(head.weight, head.bias), targets, chunk_size=chunk_size)
         targets, h, th = shift_and_select(labels, hidden, teacher_hidden)
-        return chunked_linear_loss(
+        return distill_linear_loss(
             h, Head(head.weight, head.bias), targets, th, teacher_head, opts, chunk_size
         )
 
     return head_fn
-
-
-@torch.no_grad()
-def row_ce_sums(
-    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token CE and counted tokens per row ([B] each), chunk by chunk, no gradients
-    (validation: per-source losses from one forward)."""
-    b, t = labels.shape
-    row_ids = torch.arange(b, device=labels.device)[:, None, None].expand(b, t, 1)
-    flat_targets, flat_hidden, rows = shift_and_select(labels, hidden, row_ids)
-    rows = rows.squeeze(-1)
-    proj = Head(head.weight, head.bias)
-    sums = torch.zeros(b, dtype=torch.float32, device=hidden.device)
-    for start in range(0, flat_targets.shape[0], chunk_size):
-        stop = start + chunk_size
-        sums.index_add_(
-            0, rows[start:stop], token_ce(proj.logits(flat_hidden[start:stop]), flat_targets[start:stop])
-        )
-    return sums, torch.bincount(rows, minlength=b)

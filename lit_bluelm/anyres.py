@@ -1,8 +1,10 @@
 """AnyRes tiling (LLaVA-NeXT style): pick the best grid of square tiles for an image, keep its
-aspect ratio, split it into tiles and add a thumbnail of the whole image."""
+aspect ratio, split it into tiles and add a thumbnail of the whole image; and the token count
+of a tile. Image arithmetic only (no model code), shared by the processor and the model."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import numpy as np
@@ -12,6 +14,13 @@ from PIL import Image
 # SigLIP normalisation: pixels in [0, 1] -> [-1, 1]
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
+
+
+def tokens_per_tile(grid_size: int, downsample: int) -> int:
+    """LLM tokens one tile becomes: a grid x grid patch map, padded to a multiple of
+    ``downsample`` and merged ``downsample`` x ``downsample`` (27x27 -> 28x28 -> 14x14 = 196)."""
+    side = math.ceil(grid_size / downsample)
+    return side * side
 
 
 def candidate_grids(max_grid: int, max_tiles: int) -> List[Tuple[int, int]]:

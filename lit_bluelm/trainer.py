@@ -1,0 +1,180 @@
+"""Running a stage: start-up checks, the Trainer, fit, and the run's summary. ``train.py`` and
+the tests call :func:`fit_stage`; the strategy/precision mapping is ``lit_bluelm.parallel``'s."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Type
+
+from omegaconf import DictConfig, OmegaConf
+
+from lit_bluelm.errors import ConfigError
+
+
+def quiet_known_warnings() -> None:
+    # raised inside Lightning by newer torch; nothing to act on here
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)`? is deprecated.*")
+
+
+def stage_module(cfg: DictConfig) -> Type[Any]:
+    """The stage LightningModule class ``cfg.module`` names."""
+    from lit_bluelm.modules import STAGE_MODULES
+    from lit_bluelm.registry import lookup
+
+    return lookup(STAGE_MODULES, cfg.module, "module")
+
+
+def check_names(cfg: DictConfig) -> None:
+    """Look up every registry name now, so a typo stops the run before data or model work."""
+    from lit_bluelm.models import ADAPTERS, LLMS, VISION_ENCODERS
+    from lit_bluelm.modules.optim import OPTIMIZERS
+    from lit_bluelm.registry import lookup
+
+    stage_module(cfg)
+    lookup(OPTIMIZERS, cfg.optim.name, "optim.name")
+    lookup(LLMS, cfg.model.llm.name, "model.llm.name")
+    if not cfg.model.text_only:
+        lookup(VISION_ENCODERS, cfg.model.vision.name, "model.vision.name")
+        lookup(ADAPTERS, cfg.model.adapter.name, "model.adapter.name")
+
+
+def attach_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
+    """Resolve ``model.image_token_id`` and check that the LLM's vocabulary covers the tokenizer."""
+    from lit_bluelm.models.llm import llm_config
+    from lit_bluelm.tokenizer import IMAGE
+
+    vocab = llm_config(cfg.model.llm, cfg.context.rope).vocab_size
+    if len(tokenizer) > vocab:
+        raise ConfigError(
+            f"tokenizer.path has {len(tokenizer)} tokens but the LLM vocabulary is {vocab}; "
+            "raise model.llm.config.vocab_size"
+        )
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    if cfg.model.image_token_id is not None and cfg.model.image_token_id != image_id:
+        raise ConfigError(
+            f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's {IMAGE} is {image_id}"
+        )
+    cfg.model.image_token_id = image_id
+
+
+def build_trainer(cfg: DictConfig, module_cls: Type[Any]):
+    """The Lightning Trainer of a run: strategy, precision, loop counts in optimizer steps, the
+    default callbacks (the module's own come from its ``configure_callbacks``), TensorBoard."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks import default_callbacks
+    from lit_bluelm.parallel import strategy_and_precision
+
+    t = cfg.trainer
+    strategy, precision = strategy_and_precision(t.strategy, t.precision)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_steps=t.max_steps,
+        # Lightning counts batches here; the config counts optimizer steps
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,  # validation by optimizer steps on endless streams
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        inference_mode=False,  # no_grad: metric states stay usable across validate() and fit()
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        logger=TensorBoardLogger(save_dir=cfg.run_dir, name="tensorboard", version=""),
+        callbacks=default_callbacks(cfg, module_cls.best_metric, module_cls.best_mode),
+        default_root_dir=cfg.run_dir,
+    )
+
+
+def prepare(cfg: DictConfig):
+    """Start-up checks and construction: (datamodule, module, trainer). Writes the resolved
+    ``config.yaml`` and the run's tokenizer copy into ``run_dir``."""
+    import lightning as L
+
+    from datamodules.datamodule import BlueLMDataModule
+    from datamodules.demo import ensure_demo_data
+    from lit_bluelm.checkpoint import copy_tokenizer
+    from lit_bluelm.config import to_container
+
+    quiet_known_warnings()
+    check_names(cfg)
+    module_cls = stage_module(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    ensure_demo_data(cfg)
+    datamodule = BlueLMDataModule(cfg)
+    attach_tokenizer(cfg, datamodule.tokenizer)
+    module_cls.check(cfg, datamodule.tokenizer)
+    trainer = build_trainer(cfg, module_cls)
+    module = module_cls(to_container(cfg))
+    if trainer.is_global_zero:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        copy_tokenizer(cfg.tokenizer.path, run_dir)
+    return datamodule, module, trainer
+
+
+def _metrics(results: Any, names: Dict[str, str]) -> Dict[str, Optional[float]]:
+    first = results[0] if results else {}
+    return {name: float(first[m]) if m in first else None for name, m in names.items()}
+
+
+def fit_stage(cfg: DictConfig) -> Dict[str, Any]:
+    """Train one stage; returns its summary (also written to ``<run_dir>/summary.json``)."""
+    from callbacks import LastCheckpoint
+    from lit_bluelm.summary import print_summary, write_summary
+
+    datamodule, module, trainer = prepare(cfg)
+    if trainer.is_global_zero:
+        print(f"run_dir={cfg.run_dir}", flush=True)
+    names = module.summary_metrics
+    start = time.time()
+    before = {name: None for name in names}
+    if cfg.validate_before_fit and not cfg.resume_from:
+        before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
+    last = next(cb.path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
+    after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    summary: Dict[str, Any] = {}
+    for name in names:
+        summary[f"{name}_before"], summary[f"{name}_after"] = before[name], after[name]
+    summary |= {
+        "global_step": trainer.global_step,
+        "last_ckpt": str(last.resolve()),
+        "best_ckpt": trainer.checkpoint_callback.best_model_path or None,
+        "train_seconds": f"{time.time() - start:.1f}",
+    }
+    if trainer.is_global_zero:
+        by_source = {}
+        if module.summary_by_source:
+            prefix = module.summary_by_source
+            by_source = {
+                f"{next(iter(names))}_after_by_source": {
+                    k[len(prefix) :]: round(float(v), 4)
+                    for k, v in trainer.callback_metrics.items()
+                    if k.startswith(prefix)
+                }
+            }
+        write_summary(cfg.run_dir, {"stage": cfg.stage, "module": cfg.module, **summary, **by_source})
+        print_summary(summary)
+    return summary
+
+
+def dry_run(cfg: DictConfig) -> None:
+    """Resolved config and per-component parameter counts, built on the meta device."""
+    from lit_bluelm.models import build_model, parameter_table
+
+    model = build_model(cfg.model, cfg.context, device="meta")
+    print(OmegaConf.to_yaml(cfg), end="")
+    rows = parameter_table(model)
+    print(f"{'component':<10} {'params':>16}")
+    for name, count in rows:
+        print(f"{name:<10} {count:>16,}")
+    print(f"total_params={rows[-1][1]}")

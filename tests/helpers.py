@@ -1,0 +1,88 @@
+"""Helpers shared by the tests (no test file imports another): config arguments for fast tiny
+runs, reading TensorBoard scalars, and running train.py in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules.demo import DemoSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = DemoSpec(train_shards=4, val_shards=2, train_per_shard=48, val_per_shard=16, vocab_size=1024)
+
+
+def data_args(root: Path) -> List[str]:
+    """Overrides that point the joint stage at a demo folder."""
+    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
+    args = [f"tokenizer.path={root}/tokenizer", f"data.demo_dir={root}"]
+    for name in ("image_text", "text"):
+        args += [
+            f"data.sources.{name}.train={root}/train/{name}-{{000000..{t:06d}}}.tar",
+            f"data.sources.{name}.val={root}/val/{name}-{{000000..{v:06d}}}.tar",
+        ]
+    return args
+
+
+def run_args(run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny run: small batches, 1 loader worker, no progress bar."""
+    return [
+        f"run_dir={run_dir}",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "data.seq_len=128",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+def tiny_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny joint run on a demo folder."""
+    return data_args(root) + run_args(run_dir, *extra)
+
+
+def text_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny text (stage 1) run on a demo folder."""
+    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
+    data = [
+        "stage=text",
+        f"tokenizer.path={root}/tokenizer",
+        f"data.demo_dir={root}",
+        f"data.sources.text.train={root}/train/text-{{000000..{t:06d}}}.tar",
+        f"data.sources.text.val={root}/val/text-{{000000..{v:06d}}}.tar",
+    ]
+    return data + run_args(run_dir, *extra)
+
+
+def scalars(run_dir: Path) -> Dict[str, list]:
+    """Every TensorBoard scalar of a run: tag -> [(step, value), ...]."""
+    tags: Dict[str, list] = {}
+    for events in (run_dir / "tensorboard").glob("events.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return tags
+
+
+def train_subprocess(args: List[str], timeout: int = 300) -> Dict[str, str]:
+    """``python train.py ARGS`` in a fresh process; returns its ``key=value`` output lines."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and " " not in line)
