@@ -1,7 +1,20 @@
+import shutil
+
 import pytest
+import torch
 
 import train
-from lit_bluelm.config import ConfigError, available, load_config
+from lit_bluelm.config import (
+    CONFIG_ROOT,
+    ConfigError,
+    available,
+    from_container,
+    load,
+    load_config,
+    to_container,
+)
+from lit_bluelm.models import LLMS, build_model
+from lit_bluelm.models.llm import llm_config
 
 
 @pytest.mark.parametrize("stage", available("stage"))
@@ -83,3 +96,112 @@ def test_help_lists_stages_and_models(capsys):
     assert train.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "stage=joint" in out and "bluelm_3b" in out
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("run_dir=[1,2", ["run_dir"]),
+        ("run_dir=!!python/name:os.system", ["run_dir", "tag"]),
+        ("run_dir=${nope}", ["run_dir", "nope"]),
+        ("seed=${oc.env:LIT_BLUELM_UNSET_VARIABLE}", ["seed", "LIT_BLUELM_UNSET_VARIABLE"]),
+        ("init_from=README.md", ["init_from", "not a checkpoint"]),
+        ("init_from=lit_bluelm", ["init_from", "sharded checkpoint"]),
+        ("resume_from=setup.cfg", ["resume_from", "not a checkpoint"]),
+        ("resume_from=tests", ["resume_from", "sharded checkpoint"]),
+        ("distill.teacher=README.md", ["distill.teacher", "not a checkpoint"]),
+        ("context.rope={rope_type: yarn}", ["context.rope.factor"]),
+        ("context.rope={rope_type: warp, factor: 2}", ["context.rope.rope_type", "yarn"]),
+        ("context.rope={rope_type: yarn, factor: 4, rope_theta: 5}", ["context.rope.rope_theta", "preset"]),
+    ],
+)
+def test_hostile_values_and_paths_are_one_line_errors(arg, words, capsys):
+    assert train.main([arg, "dry_run=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_a_preset_cannot_set_what_a_stage_owns(tmp_path, monkeypatch):
+    root = tmp_path / "configs"
+    shutil.copytree(CONFIG_ROOT, root)
+    monkeypatch.setattr(load, "CONFIG_ROOT", root)
+    tiny = (root / "model" / "tiny.yaml").read_text()
+    (root / "model" / "textonly.yaml").write_text(tiny.replace("model:\n", "model:\n  text_only: true\n", 1))
+    with pytest.raises(ConfigError, match="model.text_only, which belongs to the stage"):
+        load_config(["model=textonly"])
+    scaled = tiny.replace(
+        "rope_type: default", "rope_type: yarn, factor: 4, original_max_position_embeddings: 2048"
+    )
+    (root / "model" / "scaled.yaml").write_text(scaled)
+    with pytest.raises(ConfigError, match="context scaling belongs to the stage"):
+        load_config(["model=scaled"])
+
+
+# ----------------------------------------------------------------------------- stage-owned context
+
+
+def _stage_with_yarn(tmp_path, monkeypatch, factor=8):
+    root = tmp_path / "configs"
+    shutil.copytree(CONFIG_ROOT, root)
+    monkeypatch.setattr(load, "CONFIG_ROOT", root)
+    joint = (root / "stage" / "joint.yaml").read_text()
+    rope = f"context:\n  rope: {{rope_type: yarn, factor: {factor}, beta_fast: 32, beta_slow: 1}}\n"
+    (root / "stage" / "long.yaml").write_text(joint + rope)
+
+
+@pytest.mark.parametrize("model", available("model"))
+def test_a_stage_yaml_with_yarn_scales_every_preset(model, tmp_path, monkeypatch):
+    original = llm_config(load_config([f"model={model}"]).model.llm).max_position_embeddings
+    _stage_with_yarn(tmp_path, monkeypatch)
+    cfg = load_config(["stage=long", f"model={model}"])
+    hf = llm_config(cfg.model.llm, cfg.context.rope)
+    assert hf.rope_parameters["rope_type"] == "yarn" and hf.rope_parameters["factor"] == 8
+    assert hf.rope_parameters["original_max_position_embeddings"] == original
+    assert hf.max_position_embeddings == 8 * original
+    assert hf.rope_parameters["rope_theta"] == llm_config(cfg.model.llm).rope_parameters["rope_theta"]
+    built = build_model(cfg.model, cfg.context, device="meta")
+    assert built.llm.model.rotary_emb.rope_type == "yarn"
+    # the command line overrides the stage
+    cli = load_config(["stage=long", f"model={model}", "context.rope.factor=2"])
+    assert llm_config(cli.model.llm, cli.context.rope).max_position_embeddings == 2 * original
+    plain = load_config(["stage=long", f"model={model}", "context.rope={rope_type: default}"])
+    hf = llm_config(plain.model.llm, plain.context.rope)
+    assert hf.rope_parameters["rope_type"] == "default" and hf.max_position_embeddings == original
+
+
+def test_context_applies_over_a_from_pretrained_config_json(tmp_path):
+    cfg = load_config([])
+    build_model(cfg.model).llm.save_pretrained(tmp_path / "hf")
+    llm = from_container(
+        {"model": {"llm": {"name": "from_pretrained", "path": str(tmp_path / "hf")}}}
+    ).model.llm
+    hf = llm_config(llm, {"rope_type": "yarn", "factor": 4.0})
+    assert hf.rope_parameters["rope_type"] == "yarn" and hf.max_position_embeddings == 4 * 2048
+    assert (
+        LLMS["from_pretrained"](llm, {"rope_type": "yarn", "factor": 4.0}).model.rotary_emb.rope_type
+        == "yarn"
+    )
+
+
+def _fake_checkpoint(path, cfg):
+    """A checkpoint of the schema's shape with no weights (context inheritance reads the config)."""
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": to_container(cfg), "config_version": 2}}, path)
+
+
+def test_init_from_a_yarn_checkpoint_keeps_its_context_unless_set(tmp_path, monkeypatch):
+    _stage_with_yarn(tmp_path, monkeypatch, factor=4)
+    yarn_ckpt = tmp_path / "yarn.ckpt"
+    _fake_checkpoint(yarn_ckpt, load_config(["stage=long"]))
+    inherited = load_config(["stage=joint", f"init_from={yarn_ckpt}"])
+    assert inherited.context.rope.rope_type == "yarn" and inherited.context.rope.factor == 4
+    assert llm_config(inherited.model.llm, inherited.context.rope).max_position_embeddings == 4 * 2048
+    # the stage (or the command line) decides when it sets a context
+    assert load_config(["stage=long", f"init_from={yarn_ckpt}"]).context.rope.factor == 4
+    own = load_config(["stage=joint", f"init_from={yarn_ckpt}", "context.rope={rope_type: default}"])
+    assert own.context.rope.rope_type == "default"
+    assert load_config(["stage=joint"]).context.rope is None

@@ -165,3 +165,23 @@ def test_dataloader_workers_read_disjoint_shards(demo_dir, processor):
     shards = [next(loader)["key"].split("-")[1] for _ in range(40)]
     # workers take turns: worker 0 reads shards 0 and 2, worker 1 reads 1 and 3
     assert set(shards[0::2]) == {"tx0"} and set(shards[1::2]) == {"tx1"}
+
+
+def test_the_data_side_imports_no_model_code():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = (
+        "import sys, datamodules, datamodules.demo, datamodules.datamodule\n"
+        "ours = ('open_clip', 'timm', 'lit_bluelm.models', 'lit_bluelm.modules', 'callbacks')\n"
+        # transformers' tokenizer code imports its auto mappings; no architecture's modeling file
+        "arch = [m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m\n"
+        "        and not m.startswith('transformers.models.auto.')]\n"
+        "bad = sorted([m for m in sys.modules if m.startswith(ours)] + arch)\n"
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
