@@ -147,7 +147,7 @@ class _BytesGuard:
             torch.load(value, map_location="cpu", weights_only=True)
         except Exception as err:
             lines = str(err).splitlines()
-            reason = next((ln.strip() for ln in lines if "Unsupported global" in ln), _first_line(err))
+            reason = next((ln.strip() for ln in lines if "unsupported" in ln.lower()), _first_line(err))
             raise UnsafeCheckpointError(
                 f"refusing '{self._where}': {read_item.dest_index.fqn}: {reason}"
             ) from None

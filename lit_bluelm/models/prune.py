@@ -65,6 +65,28 @@ def _dims(cfg) -> Dict[str, int]:
 
 
 @torch.no_grad()
+def _run_batches(
+    llm: PreTrainedModel, batches: Iterable[Dict[str, torch.Tensor]], state: dict, device
+) -> None:
+    """The LLM (in eval mode) over the calibration batches; ``state`` holds the real-token mask
+    the hooks read, and the token count."""
+    was_training = llm.training
+    llm.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            state["mask"] = mask.to(device).bool() if mask is not None else None
+            state["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            position_ids = batch.get("position_ids")
+            llm.base_model(
+                input_ids=batch["input_ids"].to(device),
+                position_ids=position_ids.to(device) if position_ids is not None else None,
+                use_cache=False,
+            )
+    finally:
+        llm.train(was_training)
+
+
 def measure_importance(llm: PreTrainedModel, batches: Iterable[Dict[str, torch.Tensor]]) -> Importance:
     """Importance of every layer, head and MLP channel of ``llm`` on ``batches`` (``input_ids``,
     optional ``position_ids`` and ``attention_mask`` marking real tokens)."""
@@ -107,23 +129,11 @@ def measure_importance(llm: PreTrainedModel, batches: Iterable[Dict[str, torch.T
         handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(channel_hook(i)))
-    was_training = llm.training
-    llm.eval()
     try:
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            state["mask"] = mask.to(device).bool() if mask is not None else None
-            state["tokens"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            position_ids = batch.get("position_ids")
-            llm.base_model(
-                input_ids=batch["input_ids"].to(device),
-                position_ids=position_ids.to(device) if position_ids is not None else None,
-                use_cache=False,
-            )
+        _run_batches(llm, batches, state, device)
     finally:
         for h in handles:
             h.remove()
-        llm.train(was_training)
     if state["tokens"] == 0:
         raise ConfigError("distill.init_from_teacher: the calibration batches hold no tokens")
     return Importance(1.0 - cos_sum / state["tokens"], heads, channels)
