@@ -4,7 +4,9 @@ from ``configure_model``); and the Lightning strategy that sets up the data-para
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+from unittest import mock
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -56,3 +58,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         # the process count is known here (devices=-1, "auto" or a list all resolved)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        """Lightning's resume, with nothing in the folder able to run code: the ``.metadata`` is
+        read by the restricted unpickler first (one clear error), every DCP read goes through
+        ``SafeFileSystemReader`` (Lightning offers no hook for the reader, so its loader is
+        swapped for the call), and ``meta.pt`` loads with ``weights_only=True``."""
+        import lightning.fabric.strategies.model_parallel as fabric_model_parallel
+
+        from lit_bluelm.safe_dcp import check_sharded_checkpoint, safe_load
+
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            check_sharded_checkpoint(path)
+        with mock.patch.object(fabric_model_parallel, "_distributed_checkpoint_load", safe_load):
+            return super().load_checkpoint(checkpoint_path, weights_only=True)

@@ -8,6 +8,7 @@ import os
 import pickle
 import shlex
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lit_bluelm.safe_dcp import (
     UnsafeCheckpointError,
     check_sharded_checkpoint,
     read_metadata,
+    safe_load,
 )
 
 
@@ -181,3 +183,52 @@ def test_garbage_and_truncated_metadata(genuine):
         with pytest.raises(NotACheckpointError) as err:
             read_metadata(path)
         assert "unreadable" in _one_line(err)
+
+
+def test_safe_load(genuine, tmp_path):
+    path, saved = genuine
+    template = {"w": torch.zeros(3, 4), "step": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        safe_load(template, path)
+    torch.testing.assert_close(template["w"], saved["w"])
+    assert template["step"] == 7
+    (path / ".metadata").write_bytes(pickle.dumps(Touch(tmp_path / "pwned")))
+    with pytest.raises(UnsafeCheckpointError):  # checked first: not wrapped in a CheckpointException
+        safe_load(template, path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_lightning_resume_goes_through_the_patched_loader(tmp_path):
+    """The override the module docstring recommends: Lightning's sharded-folder load (model, then
+    each optimizer) calls the patched module-level name, and so reads through SafeFileSystemReader."""
+    import torch.distributed as dist
+    from lightning.fabric.strategies.model_parallel import _load_checkpoint
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = fully_shard(torch.nn.Linear(3, 2), mesh=init_device_mesh("cpu", (1,)))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        ckpt = tmp_path / "last.ckpt"
+        dcp.save(
+            {"state_dict": get_model_state_dict(model), "optimizer_0": get_optimizer_state_dict(model, opt)},
+            checkpoint_id=ckpt,
+        )
+        torch.save({"global_step": 1}, ckpt / "meta.pt")
+        calls = []
+
+        def spy(state, path):
+            calls.append(sorted(state))
+            safe_load(state, path)
+
+        with mock.patch("lightning.fabric.strategies.model_parallel._distributed_checkpoint_load", spy):
+            state = {"state_dict": model, "optimizer_0": opt}
+            meta = _load_checkpoint(ckpt, state, optimizer_states_from_list=True, weights_only=True)
+        assert calls == [["state_dict"], ["optimizer_0"]] and meta == {"global_step": 1}
+    finally:
+        dist.destroy_process_group()
