@@ -57,8 +57,10 @@ def read_meta(path: str | Path, key: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # an unpickling refusal or a damaged archive: one line, no traceback
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}: cannot read checkpoint '{meta}': {first[:300]}") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        # torch's refusal is many lines; the one naming the refused global is what matters
+        reason = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0])
+        raise ConfigError(f"{key}: refused to load '{meta}': {reason[:300]}") from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{key}: '{meta}' holds a {type(ckpt).__name__}, not a checkpoint")
     return ckpt

@@ -205,3 +205,48 @@ def test_init_from_a_yarn_checkpoint_keeps_its_context_unless_set(tmp_path, monk
     own = load_config(["stage=joint", f"init_from={yarn_ckpt}", "context.rope={rope_type: default}"])
     assert own.context.rope.rope_type == "default"
     assert load_config(["stage=joint"]).context.rope is None
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoints_are_refused_without_running_code(tmp_path, capsys):
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    torch.save({"hyper_parameters": {}}, folder / "meta.pt")
+    file = tmp_path / "crafted.ckpt"
+    torch.save({"x": 1}, file)
+    with zipfile.ZipFile(file, "a") as zf:  # replace the archive's pickle with the payload
+        name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+    with zipfile.ZipFile(file) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members[name] = pickle.dumps(_Payload(marker), protocol=2)  # the protocol torch.save writes
+    with zipfile.ZipFile(file, "w") as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+    for arg in (
+        f"resume_from={folder}",
+        f"init_from={folder}",
+        f"distill.teacher={folder}",
+        f"init_from={file}",
+        f"resume_from={file}",
+    ):
+        assert train.main([arg, "dry_run=true"]) == 2, arg
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and arg.split("=")[0] in err, err
+        assert "system" in err, err
+    assert not marker.exists()

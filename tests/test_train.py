@@ -108,17 +108,22 @@ class _Crash(NextTokenModule):
         return super().training_step(batch, batch_idx)
 
 
-def test_a_crash_leaves_a_checkpoint_to_resume_from(demo_dir, tmp_path):
+def _fit_until_it_fails(demo_dir, run_dir, module_cls, match):
+    """Fit ``module_cls`` (which raises ``match``) for up to 4 steps; returns on_exception.ckpt."""
     from datamodules.datamodule import BlueLMDataModule
 
-    run_dir = tmp_path / "crash"
     cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=10"))
     datamodule = BlueLMDataModule(cfg)
     attach_tokenizer(cfg, datamodule.tokenizer)
-    trainer = build_trainer(cfg, _Crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer.fit(_Crash(to_container(cfg)), datamodule=datamodule)
-    saved = run_dir / "checkpoints" / "on_exception.ckpt"
+    trainer = build_trainer(cfg, module_cls)
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit(module_cls(to_container(cfg)), datamodule=datamodule)
+    return run_dir / "checkpoints" / "on_exception.ckpt"
+
+
+def test_a_crash_leaves_a_checkpoint_to_resume_from(demo_dir, tmp_path):
+    run_dir = tmp_path / "crash"
+    saved = _fit_until_it_fails(demo_dir, run_dir, _Crash, "simulated crash")
     assert torch.load(saved, weights_only=True, map_location="cpu")["global_step"] == 2
     summary = train.run(
         load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", f"resume_from={saved}"))
@@ -168,16 +173,8 @@ class _FailingStep(NextTokenModule):
 
 
 def test_a_batch_counts_only_once_its_optimizer_update_is_applied(demo_dir, tmp_path):
-    from datamodules.datamodule import BlueLMDataModule
-
-    run_dir = tmp_path / "failstep"
-    cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=4", "trainer.val_check_interval=10"))
-    datamodule = BlueLMDataModule(cfg)
-    attach_tokenizer(cfg, datamodule.tokenizer)
-    trainer = build_trainer(cfg, _FailingStep)
-    with pytest.raises(RuntimeError, match="inside optimizer.step"):
-        trainer.fit(_FailingStep(to_container(cfg)), datamodule=datamodule)
-    saved = torch.load(run_dir / "checkpoints" / "on_exception.ckpt", weights_only=True, map_location="cpu")
+    path = _fit_until_it_fails(demo_dir, tmp_path / "failstep", _FailingStep, "inside optimizer.step")
+    saved = torch.load(path, weights_only=True, map_location="cpu")
     # steps 0 and 1 were applied; the batch of the failed step 2 is read again on resume
     assert saved["global_step"] == 2
     assert saved["BlueLMDataModule"]["ranks"][0]["consumed"] == 2

@@ -38,11 +38,11 @@ def _check_run(cfg: DictConfig) -> None:
             "init_from and resume_from are mutually exclusive: init_from starts a new run from "
             "weights, resume_from continues this run"
         )
-    from lit_bluelm.checkpoint import check_checkpoint
+    from lit_bluelm.checkpoint import read_meta
 
     for key in ("init_from", "resume_from"):
-        if cfg[key]:
-            check_checkpoint(cfg[key], key)
+        if cfg[key]:  # the form, the sharded metadata and the pickle, all read safely
+            read_meta(cfg[key], key)
     every = cfg.checkpoint.every_n_steps
     if every is not None and every < 1:
         raise ConfigError(f"checkpoint.every_n_steps must be >= 1 (or null), got {every}")

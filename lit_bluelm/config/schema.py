@@ -68,7 +68,7 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     anyres: AnyResConfig = field(default_factory=AnyResConfig)
     # the LLM alone, no vision tower or adapter (stage 1); later stages load its weights into a
-    # full model with init_from
+    # full model with init_from. Owned by the stage: a preset may not set it (config/load.py)
     text_only: bool = False
     # id of the <image> placeholder; resolved from the tokenizer at launch when null
     image_token_id: Optional[int] = None
