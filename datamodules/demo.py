@@ -38,7 +38,7 @@ SHAPES = ("circle", "square", "triangle")
 CANVASES = ((112, 112), (224, 112), (112, 224), (224, 224))  # varied aspect ratios for AnyRes
 CELL = 56
 MARKER = ".complete"
-VERSION = 2  # bumped when the content changes (2: chain-of-thought shards); older sets are rewritten
+VERSION = 3  # bumped when the content changes (2: chain-of-thought shards, 3: the tokenizer's chat template); older sets are rewritten
 
 
 def is_current(out: str | Path) -> bool:

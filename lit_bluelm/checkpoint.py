@@ -139,13 +139,20 @@ def load_model_weights(model: nn.Module, path: str | Path, key: str = "init_from
 # ----------------------------------------------------------------------------- a trained run
 
 
-def copy_tokenizer(src: str | Path, run_dir: str | Path) -> Path:
+def copy_tokenizer(src: str | Path, run_dir: str | Path, think_position: str = "after_query") -> Path:
     """Copy the tokenizer directory into ``<run_dir>/tokenizer`` (atomically replaced), so the
-    run stays loadable after its data folder is gone."""
+    run stays loadable after its data folder is gone, with the chat format as its chat template
+    (``think_position``: the run's ``sft.think_token_position``)."""
+    from lit_bluelm.chat import chat_template
+    from lit_bluelm.tokenizer import load_tokenizer
+
     dst = Path(run_dir) / TOKENIZER_DIR
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    tokenizer = load_tokenizer(tmp)
+    tokenizer.chat_template = chat_template(think_position)
+    tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     return dst

@@ -40,6 +40,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, EOS)],
         model_max_length=1 << 20,
     )
+    from lit_bluelm.chat import chat_template  # chat imports this module's token names
+
+    fast.chat_template = chat_template()
     fast.save_pretrained(str(out_dir))
     return fast
 

@@ -117,7 +117,7 @@ def prepare(cfg: DictConfig):
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
-        copy_tokenizer(cfg.tokenizer.path, run_dir)
+        copy_tokenizer(cfg.tokenizer.path, run_dir, cfg.sft.think_token_position)
     return datamodule, module, trainer
 
 

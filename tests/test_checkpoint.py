@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lit_bluelm.chat import render_chat
 from lit_bluelm.checkpoint import load_model_weights, load_run, read_model_state
 from lit_bluelm.config import ConfigError, load_config, to_container
 from lit_bluelm.frozen import load_frozen_llm, resolve_source
@@ -63,6 +64,13 @@ def test_load_run_finds_the_runs_own_tokenizer_copy(demo_dir, tmp_path):
     shutil.rmtree(run_dir)
     run = load_run(moved / "checkpoints" / "last.ckpt")
     assert run.tokenizer.name_or_path == str(moved / "tokenizer")
+    # the chat format travels with the run as its tokenizer's chat template
+    prompt = run.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, enable_thinking=True, add_generation_prompt=True
+    )
+    assert prompt == render_chat(
+        [{"role": "user", "content": "hi"}], enable_thinking=True, add_generation_prompt=True
+    )
     assert run.tokenizer.get_vocab() == load_tokenizer(demo_dir / "tokenizer").get_vocab()
     state = read_model_state(moved / "checkpoints" / "last.ckpt")
     for name, tensor in run.model.state_dict().items():

@@ -178,3 +178,19 @@ def test_a_batch_counts_only_once_its_optimizer_update_is_applied(demo_dir, tmp_
     # steps 0 and 1 were applied; the batch of the failed step 2 is read again on resume
     assert saved["global_step"] == 2
     assert saved["BlueLMDataModule"]["ranks"][0]["consumed"] == 2
+
+
+def test_the_skipped_sample_total_survives_resume(fitted, tmp_path, demo_dir):
+    run_dir, _ = fitted
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    ckpt["data_skipped"] = 7  # as if the first part of the run had skipped 7 bad samples
+    path = tmp_path / "with_skips.ckpt"
+    torch.save(ckpt, path)
+    args = [
+        f"resume_from={path}",
+        f"trainer.max_steps={ckpt['global_step'] + 1}",
+        "trainer.val_check_interval=50",
+    ]
+    summary = train.run(load_config(tiny_args(demo_dir, tmp_path / "resumed", *args)))
+    assert [v for _, v in scalars(tmp_path / "resumed")["data/skipped"]] == [7.0]
+    assert torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")["data_skipped"] == 7

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lit_bluelm.errors import choice
 from lit_bluelm.objectives.distill import DistillConfig
 from lit_bluelm.objectives.linear_loss import LossConfig
 
@@ -153,6 +154,21 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
 
 
+THINK_POSITIONS = ("after_query", "before_query")
+
+
+@dataclass
+class SFTConfig:
+    """The ``sft`` section: the chat format's thinking control token (``lit_bluelm.chat``)."""
+
+    # [|BlueThink|] at the end of the final user turn (the report's placement) or at its start
+    think_token_position: str = "after_query"  # after_query | before_query
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        choice(cfg, "sft.think_token_position", THINK_POSITIONS)
+
+
 @dataclass
 class ContextConfig:
     """Context scaling, owned by the stage (model presets never set it). ``rope`` is merged into
@@ -208,6 +224,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
