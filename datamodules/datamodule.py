@@ -68,7 +68,7 @@ class BlueLMDataModule(L.LightningDataModule):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer.path)
-        self.processor = BlueLMProcessor.from_config(self.tokenizer, cfg.model)
+        self.processor = BlueLMProcessor.from_config(self.tokenizer, cfg.model, cfg.sft.think_token_position)
         # checked now, so a bad source stops the run before any model is built
         self.train_sources = build_sources(cfg, "train")
         self.val_sources = build_sources(cfg, "val")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable, Dict, Optional
+import re
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from PIL import Image
 
-from lit_bluelm.chat import cot_messages, render_chat
+from lit_bluelm.chat import cot_messages, render, render_chat
 from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import IMAGE
@@ -62,10 +63,33 @@ def decode_image(raw: Dict[str, Any]) -> Image.Image:
         return img.convert("RGB")
 
 
-def _example(ids: list, pixel_values: Optional[torch.Tensor], meta: Dict[str, Any], image_id: int) -> Example:
+def decode_images(raw: Dict[str, Any]) -> List[Image.Image]:
+    """A chat sample's images in order: members ``0.png``, ``1.jpg``, ... by number (any of
+    jpg/jpeg/png/webp), or a single plain ``jpg|png|webp`` member."""
+    numbered = sorted(
+        (int(m.group(1)), key) for key in raw if (m := re.fullmatch(r"(\d+)\.(jpg|jpeg|png|webp)", key))
+    )
+    keys = [key for _, key in numbered] or [ext for ext in IMAGE_EXTS if ext in raw][:1]
+    images = []
+    for key in keys:
+        with Image.open(io.BytesIO(raw[key])) as img:
+            img.load()
+            images.append(img.convert("RGB"))
+    return images
+
+
+def _example(
+    ids: list,
+    pixel_values: Optional[torch.Tensor],
+    meta: Dict[str, Any],
+    image_id: int,
+    trained: Optional[List[bool]] = None,
+) -> Example:
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = input_ids.clone()
     labels[input_ids == image_id] = IGNORE_INDEX  # never predict image placeholders
+    if trained is not None:  # only the trained spans (assistant replies) are targets
+        labels[~torch.tensor(trained, dtype=torch.bool)] = IGNORE_INDEX
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -110,14 +134,23 @@ def _encode_plain(text: str, meta: Dict[str, Any], processor: BlueLMProcessor) -
 
 
 def encode_chat(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
-    """``json`` with ``messages`` [{role, content}] -> the chat format + EOS (every token is a
-    target here; assistant-only targets are the SFT stage's)."""
+    """``json`` with ``messages`` [{role, content, thinking?}] (+ images placed by ``<image>``
+    markers in the messages, see :func:`decode_images`) -> the chat format + EOS, with only the
+    assistant replies as targets. The final assistant message's ``thinking`` makes it a
+    thinking-mode sample. A conversation longer than ``seq_len`` is skipped (never split)."""
     meta = decode_json(raw)
     try:
-        text = render_chat(_json_field(meta, "messages", list))
+        rendered = render(_json_field(meta, "messages", list), think_position=processor.think_position)
+        encoded = processor.encode(
+            rendered.text, decode_images(raw), add_eos=True, trained_spans=rendered.trained
+        )
     except ValueError as err:
         raise SampleError(str(err)) from None
-    return _encode_plain(text, meta, processor)
+    if len(encoded.input_ids) > seq_len:
+        raise SampleError(
+            f"too_long: a conversation of {len(encoded.input_ids)} tokens > data.seq_len={seq_len}"
+        )
+    return _example(encoded.input_ids, encoded.pixel_values, meta, processor.image_token_id, encoded.trained)
 
 
 def encode_cot(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:

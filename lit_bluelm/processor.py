@@ -4,7 +4,7 @@ token count, and the AnyRes tiles of every image (in marker order)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -19,6 +19,7 @@ from lit_bluelm.tokenizer import IMAGE
 class Encoded:
     input_ids: List[int]
     pixel_values: Optional[torch.Tensor]  # [tiles, 3, S, S] for all images, or None
+    trained: Optional[List[bool]] = None  # per id: inside a trained span (when spans were given)
 
 
 class BlueLMProcessor:
@@ -31,10 +32,12 @@ class BlueLMProcessor:
         max_grid: int = 4,
         max_tiles: int = 16,
         thumbnail: bool = True,
+        think_position: str = "after_query",
     ) -> None:
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.tokenizer = tokenizer
+        self.think_position = think_position  # the chat format's control-token placement
         self.image_size = image_size
         self.grids = candidate_grids(max_grid, max_tiles)
         self.thumbnail = thumbnail
@@ -44,7 +47,10 @@ class BlueLMProcessor:
         self.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_config(cls, tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig) -> BlueLMProcessor:
+    def from_config(
+        cls, tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig, think_position: str = "after_query"
+    ) -> BlueLMProcessor:
+        """From ``cfg.model`` (and ``cfg.sft.think_token_position``)."""
         return cls(
             tokenizer,
             image_size=model_cfg.vision.image_size,
@@ -53,30 +59,46 @@ class BlueLMProcessor:
             max_grid=model_cfg.anyres.max_grid,
             max_tiles=model_cfg.anyres.max_tiles,
             thumbnail=model_cfg.anyres.thumbnail,
+            think_position=think_position,
         )
 
     def tiles(self, image: Image.Image) -> torch.Tensor:
         """AnyRes tiles [n, 3, S, S] of one image."""
         return image_to_tiles(image, self.image_size, self.grids, self.thumbnail)
 
-    def encode(self, text: str, images: Sequence[Image.Image] = (), add_eos: bool = False) -> Encoded:
+    def encode(
+        self,
+        text: str,
+        images: Sequence[Image.Image] = (),
+        add_eos: bool = False,
+        trained_spans: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> Encoded:
         """Tokenize ``text``; the i-th ``<image>`` marker becomes ``tiles_i * tokens_per_tile``
-        placeholder ids, so the model can check that features and placeholders agree."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        placeholder ids, so the model can check that features and placeholders agree. With
+        ``trained_spans`` ([start, stop) characters of ``text``), ``trained`` marks the ids that
+        begin inside one (the chat format's assistant replies)."""
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=trained_spans is not None)
+        ids = list(out["input_ids"])
+        trained = None
+        if trained_spans is not None:
+            trained = [any(a <= start < b for a, b in trained_spans) for start, _ in out["offset_mapping"]]
         if add_eos:
-            ids = ids + [self.eos_token_id]
+            ids.append(self.eos_token_id)
+            trained = trained + [False] if trained is not None else None
         n_markers = ids.count(self.image_token_id)
         if n_markers != len(images):
             raise ValueError(f"text has {n_markers} {IMAGE} markers but {len(images)} images were given")
         if not images:
-            return Encoded(ids, None)
+            return Encoded(ids, None, trained)
         tiles = [self.tiles(img) for img in images]
-        out: List[int] = []
+        expanded: List[int] = []
+        flags: List[bool] = []
         image_index = 0
-        for token in ids:
+        for i, token in enumerate(ids):
+            n = 1
             if token == self.image_token_id:
-                out.extend([token] * (tiles[image_index].shape[0] * self.tokens_per_tile))
+                n = tiles[image_index].shape[0] * self.tokens_per_tile
                 image_index += 1
-            else:
-                out.append(token)
-        return Encoded(out, torch.cat(tiles, dim=0))
+            expanded.extend([token] * n)
+            flags.extend([trained[i] if trained is not None else False] * n)
+        return Encoded(expanded, torch.cat(tiles, dim=0), flags if trained is not None else None)

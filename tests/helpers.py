@@ -62,6 +62,17 @@ def text_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
     return data + run_args(run_dir, *extra)
 
 
+def png_bytes(size=(224, 112), color=(0, 128, 255)) -> bytes:
+    """A solid-colour PNG image file's bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def scalars(run_dir: Path) -> Dict[str, list]:
     """Every TensorBoard scalar of a run: tag -> [(step, value), ...]."""
     tags: Dict[str, list] = {}

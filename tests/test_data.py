@@ -1,4 +1,3 @@
-import io
 import json
 
 import pytest
@@ -11,26 +10,8 @@ from datamodules.kinds import encode_image_text, encode_text
 from datamodules.streams import MixedStream, Source, expand_shards, reader_shards
 from lit_bluelm.config import ConfigError
 from lit_bluelm.labels import IGNORE_INDEX
-from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import IMAGE, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def processor(demo_dir):
-    return BlueLMProcessor(
-        load_tokenizer(demo_dir / "tokenizer"),
-        image_size=112,
-        patch_size=14,
-        downsample=2,
-        max_grid=2,
-        max_tiles=4,
-    )
-
-
-def _png(size=(224, 112)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (0, 128, 255)).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.helpers import png_bytes as _png
 
 
 def test_processor_expands_each_marker_to_its_tiles(processor):

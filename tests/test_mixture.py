@@ -14,15 +14,7 @@ from datamodules.collate import Collator
 from datamodules.datamodule import BlueLMDataModule
 from datamodules.streams import MixedStream, MixtureWeights, Source, expand_shards
 from lit_bluelm.config import load_config
-from lit_bluelm.processor import BlueLMProcessor
-from lit_bluelm.tokenizer import load_tokenizer
 from tests.helpers import data_args, scalars, text_args, tiny_args, train_subprocess
-
-
-@pytest.fixture(scope="module")
-def processor(demo_dir):
-    tok = load_tokenizer(demo_dir / "tokenizer")
-    return BlueLMProcessor(tok, image_size=112, patch_size=14, downsample=2, max_grid=2, max_tiles=4)
 
 
 def _sources(root, weights=(0.5, 0.3, 0.1), repeat=(1.0, 1.0, 2.0)):
