@@ -5,8 +5,8 @@
 Both variants run the project's loss code (``lit_bluelm.objectives.distill``) on the same
 shapes: student and teacher hidden states [tokens, hidden], output weights [vocab, hidden], a
 temperature of 2, backward into the student's hidden states and output weight.
-  * naive: ``naive_linear_loss``, full float32 logits of student and teacher;
-  * chunked: ``chunked_linear_loss``, ``--chunk-size`` tokens at a time.
+  * naive: ``naive_distill_loss``, full float32 logits of student and teacher;
+  * chunked: ``distill_linear_loss``, ``--chunk-size`` tokens at a time.
 The figure is the peak of memory allocated during the forward/backward, above what the inputs
 already hold (the weights and hidden states exist in any training step). On a GPU it comes from
 the CUDA allocator (``torch.cuda.max_memory_allocated``). On CPU the naive peak alone would
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lit_bluelm.objectives.distill import Head, KDOptions, chunked_linear_loss, naive_linear_loss  # noqa: E402
+from lit_bluelm.objectives import Head, KDOptions, distill_linear_loss, naive_distill_loss  # noqa: E402
 
 GIB = 2**30
 
@@ -47,9 +47,9 @@ def _step(variant: str, inputs, chunk_size: int) -> None:
     hidden, weight, t_hidden, t_weight, targets = inputs
     opts = KDOptions(alpha=0.5, temperature=2.0)
     if variant == "naive":
-        out = naive_linear_loss(hidden, Head(weight), targets, t_hidden, Head(t_weight), opts)
+        out = naive_distill_loss(hidden, Head(weight), targets, t_hidden, Head(t_weight), opts)
     else:
-        out = chunked_linear_loss(hidden, Head(weight), targets, t_hidden, Head(t_weight), opts, chunk_size)
+        out = distill_linear_loss(hidden, Head(weight), targets, t_hidden, Head(t_weight), opts, chunk_size)
     out.loss.backward()
 
 
