@@ -67,7 +67,7 @@ class LastCheckpoint(Callback):
         # A validation at the step just saved runs after the save, and Lightning does not repeat
         # it when resuming from that checkpoint. When the validation changes training state
         # (adaptive mixture weights), save again so last.ckpt holds it; this callback must come
-        # after the callbacks that act on validation (build_trainer orders them).
+        # after the callbacks that act on validation (default_callbacks orders them).
         if (
             self.resave_after_validation
             and self._in_loop

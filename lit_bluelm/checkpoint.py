@@ -72,11 +72,14 @@ def _upgrade(cfg: Dict[str, Any], version: int) -> Dict[str, Any]:
     return cfg
 
 
-def saved_config(path: str | Path, key: str) -> Dict[str, Any]:
-    """The config a lit-bluelm checkpoint was trained with (a plain dict, today's schema)."""
+def saved_config(path: str | Path, key: str, required: bool = True) -> Optional[Dict[str, Any]]:
+    """The config a lit-bluelm checkpoint was trained with (a plain dict, today's schema); None
+    for a checkpoint without one (a bare state dict) unless ``required``."""
     hparams = read_meta(path, key).get("hyper_parameters", {})
     cfg = hparams.get("cfg") if isinstance(hparams, dict) else None
     if not isinstance(cfg, dict):
+        if not required:
+            return None
         raise ConfigError(f"{key}: '{path}' has no lit-bluelm config (hyper_parameters.cfg)")
     return _upgrade(cfg, int(hparams.get("config_version", 1)))
 
@@ -101,7 +104,14 @@ def _sharded_model_state(path: Path) -> Dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         planner = DefaultLoadPlanner(allow_partial_load=True)
-        load({"state_dict": template}, storage_reader=reader, planner=planner, no_dist=True)
+        try:
+            load({"state_dict": template}, storage_reader=reader, planner=planner, no_dist=True)
+        except BaseException as err:  # torch's CheckpointException is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+            reason = next((ln for ln in lines if "refusing" in ln or "Error" in ln), lines[0])
+            raise ConfigError(f"checkpoint: cannot read the shards of '{path}': {reason[:300]}") from None
     return {k[len(PREFIX) :]: v for k, v in template.items()}
 
 
@@ -181,9 +191,12 @@ class LoadedRun:
     path: Path
 
 
-def load_run(path: str | Path, key: str = "checkpoint", text_only: bool = False) -> LoadedRun:
+def load_run(
+    path: str | Path, key: str = "checkpoint", text_only: bool = False, tokenizer: bool = True
+) -> LoadedRun:
     """A trained run from one of its checkpoints: saved config, model, tokenizer.
-    ``text_only`` builds the LLM alone (e.g. a distillation teacher)."""
+    ``text_only`` builds the LLM alone (e.g. a distillation teacher); ``tokenizer=False`` skips
+    the tokenizer (``LoadedRun.tokenizer`` is None), for callers that check ids another way."""
     from lit_bluelm.config import from_container
     from lit_bluelm.models import build_model
     from lit_bluelm.tokenizer import load_tokenizer
@@ -191,15 +204,15 @@ def load_run(path: str | Path, key: str = "checkpoint", text_only: bool = False)
     cfg = from_container(saved_config(path, key), f"{key} (saved config)")
     if text_only:
         cfg.model.text_only = True
-    tok_dir = run_tokenizer(path, cfg)
-    if tok_dir is None:
+    tok_dir = run_tokenizer(path, cfg) if tokenizer else None
+    if tokenizer and tok_dir is None:
         raise ConfigError(f"{key}: no tokenizer found for '{path}' (expected <run_dir>/{TOKENIZER_DIR})")
     model = build_model(cfg.model, cfg.context)
     keys = load_model_weights(model, path, key)
     missing = [k for k in keys["missing"] if k not in _tied(model)]
     if missing:
         raise ConfigError(f"{key}: '{path}' lacks weights of its own model, e.g. {missing[:3]}")
-    return LoadedRun(cfg, model.eval(), load_tokenizer(tok_dir), Path(path))
+    return LoadedRun(cfg, model.eval(), load_tokenizer(tok_dir) if tok_dir else None, Path(path))
 
 
 def _tied(model: nn.Module) -> set:

@@ -62,13 +62,13 @@ def resolve_source(spec: str, key: str) -> ModelSource:
     )
 
 
-def check_quantize(source: ModelSource, quantize: str, quantize_key: str) -> None:
-    """bitsandbytes quantizes a Hugging Face model on a GPU."""
+def check_quantize(source: ModelSource, quantize: str, quantize_key: str, accelerator: str = "auto") -> None:
+    """bitsandbytes quantizes a Hugging Face model on a GPU (and the run must be on one too)."""
     if quantize == "none":
         return
     if source.llm.name != "from_pretrained":
         raise ConfigError(f"{quantize_key} needs a Hugging Face directory as {source.key}")
-    if not torch.cuda.is_available():
+    if accelerator == "cpu" or not torch.cuda.is_available():
         raise ConfigError(f"{quantize_key}={quantize} needs a GPU (bitsandbytes quantizes on CUDA)")
 
 
@@ -80,7 +80,8 @@ def load_frozen_llm(
     if quantize != "none":
         llm = _quantized(source, quantize, dtype)
     elif source.checkpoint is not None:
-        llm = load_run(source.checkpoint, source.key, text_only=True).model.llm.to(dtype)
+        # its tokenizer is compared separately (when it can be found), so none is needed here
+        llm = load_run(source.checkpoint, source.key, text_only=True, tokenizer=False).model.llm.to(dtype)
     else:
         llm = LLMS[source.llm.name](source.llm, source.rope).to(dtype)
     check_output_head(llm.config)

@@ -24,6 +24,11 @@ def strategy_and_precision(strategy: str, precision: str) -> Tuple[Any, str]:
     return FSDP2Strategy(), "32-true" if precision == "bf16-mixed" else precision
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype frozen models beside the trained one run in (e.g. the distillation teacher)."""
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float32
+
+
 def fsdp_param_dtype(precision: str) -> Optional[torch.dtype]:
     """FSDP2's compute dtype for ``trainer.precision`` (None: the parameters' own)."""
     return torch.bfloat16 if precision == "bf16-mixed" else None

@@ -34,8 +34,7 @@ class BlueLMProcessor:
         thumbnail: bool = True,
         think_position: str = "after_query",
     ) -> None:
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        assert image_size % patch_size == 0, (image_size, patch_size)  # config checks it at start-up
         self.tokenizer = tokenizer
         self.think_position = think_position  # the chat format's control-token placement
         self.image_size = image_size

@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         s = load_summary(run)
         print(
             f"{run:<32} {s['stage']:<8} {s['module']:<10} {s['global_step']:>6} "
-            f"{_fmt(s['val_loss_before']):>16} {_fmt(s['val_loss_after']):>15}"
+            f"{_fmt(s.get('val_loss_before')):>16} {_fmt(s.get('val_loss_after')):>15}"
         )
         by_source = s.get("val_loss_after_by_source") or {}
         if len(by_source) > 1:
@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items())
             )
     if args.better:
-        a, b = (load_summary(r)["val_loss_after"] for r in args.better)
+        a, b = (load_summary(r).get("val_loss_after") for r in args.better)
         if a is None or b is None:
             print("error: --better needs both runs to have a validation loss", file=sys.stderr)
             return 1

@@ -40,8 +40,15 @@ def test_an_old_checkpoint_loads_with_load_run_init_from_and_as_a_teacher(old_ch
     assert cfg.context.rope is None
     fresh = build_model(cfg.model, cfg.context)
     assert load_model_weights(fresh, path)["missing"] == []
-    # as a distillation teacher: its LLM, frozen
-    teacher = load_frozen_llm(resolve_source(str(path), "distill.teacher"), torch.float32)
+    # as a distillation teacher: its LLM, frozen; its tokenizer may be gone (ids compared then
+    # only by vocabulary size)
+    moved = torch.load(path, weights_only=True)
+    moved["hyper_parameters"]["cfg"]["tokenizer"]["path"] = str(tmp_path / "gone")
+    path = tmp_path / "old_without_tokenizer.ckpt"
+    torch.save(moved, path)
+    source = resolve_source(str(path), "distill.teacher")
+    assert source.tokenizer is None
+    teacher = load_frozen_llm(source, torch.float32)
     assert not any(p.requires_grad for p in teacher.parameters())
     for name, tensor in model.llm.state_dict().items():
         torch.testing.assert_close(teacher.state_dict()[name], tensor)

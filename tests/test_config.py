@@ -116,6 +116,11 @@ def test_help_lists_stages_and_models(capsys):
         ("context.rope={rope_type: yarn}", ["context.rope.factor"]),
         ("context.rope={rope_type: warp, factor: 2}", ["context.rope.rope_type", "yarn"]),
         ("context.rope={rope_type: yarn, factor: 4, rope_theta: 5}", ["context.rope.rope_theta", "preset"]),
+        ("data.num_workers=-1", ["data.num_workers"]),
+        ("optim.betas=[2,0.9]", ["optim.betas"]),
+        ("optim.lr.llm=-1", ["optim.lr.llm"]),
+        ("checkpoint.save_top_k=-2", ["checkpoint.save_top_k"]),
+        ("model.vision.image_size=100", ["model.vision.image_size", "patch_size"]),
     ],
 )
 def test_hostile_values_and_paths_are_one_line_errors(arg, words, capsys):
@@ -205,6 +210,19 @@ def test_init_from_a_yarn_checkpoint_keeps_its_context_unless_set(tmp_path, monk
     own = load_config(["stage=joint", f"init_from={yarn_ckpt}", "context.rope={rope_type: default}"])
     assert own.context.rope.rope_type == "default"
     assert load_config(["stage=joint"]).context.rope is None
+    # resuming keeps it too, and a bare state dict (no saved config) is fine as init_from
+    assert load_config(["stage=joint", f"resume_from={yarn_ckpt}"]).context.rope.factor == 4
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": {}}, bare)
+    assert load_config([f"init_from={bare}"]).context.rope is None
+
+
+def test_dynamic_rope_keeps_the_original_length_and_interpolations_see_the_stage():
+    cfg = load_config(["context.rope={rope_type: dynamic, factor: 4}"])
+    hf = llm_config(cfg.model.llm, cfg.context.rope)
+    assert hf.rope_parameters["rope_type"] == "dynamic" and hf.max_position_embeddings == 2048
+    cfg = load_config(["stage=text", "model=tiny_teacher", "run_dir=runs/${stage}-${model.name}"])
+    assert cfg.run_dir == "runs/text-tiny_teacher"
 
 
 class _Payload:

@@ -10,7 +10,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from lit_bluelm.config.schema import Config
-from lit_bluelm.errors import ConfigError, at_least, choice
+from lit_bluelm.errors import ConfigError, at_least, choice, in_range
 
 # no fp16: the chunked loss casts per-chunk logit gradients to the compute dtype before the
 # loss scale applies, where fp16 would flush small softmax terms to zero
@@ -24,6 +24,7 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg)
     _check_schedule(cfg)
     _check_trainer(cfg)
+    _check_optim(cfg)
     _check_model(cfg)
     for f in dataclasses.fields(Config):  # each objective's own section checks itself
         section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
@@ -43,9 +44,8 @@ def _check_run(cfg: DictConfig) -> None:
     for key in ("init_from", "resume_from"):
         if cfg[key]:  # the form, the sharded metadata and the pickle, all read safely
             read_meta(cfg[key], key)
-    every = cfg.checkpoint.every_n_steps
-    if every is not None and every < 1:
-        raise ConfigError(f"checkpoint.every_n_steps must be >= 1 (or null), got {every}")
+    at_least(cfg, "checkpoint.every_n_steps", 1, allow_none=True)
+    at_least(cfg, "checkpoint.save_top_k", -1)  # -1: keep every best checkpoint
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -75,8 +75,10 @@ def _check_data(cfg: DictConfig) -> None:
             )
         if cfg.model.text_only and src.kind == "image_text" and data.mix.get(name, 0) > 0:
             raise ConfigError(f"model.text_only has no vision tower, but data.sources.{name} is image_text")
-    for key in ("data.seq_len", "data.batch_size", "data.pack_buffer"):
+    for key in ("data.seq_len", "data.batch_size", "data.pack_buffer", "data.shuffle_buffer"):
         at_least(cfg, key, 1)
+    at_least(cfg, "data.val_batch_size", 1, allow_none=True)
+    at_least(cfg, "data.num_workers", 0)
     if data.packing and cfg.model.llm.attn_implementation.startswith("flash"):
         # transformers derives per-document (varlen) attention from position_ids only for a
         # batch of one row with flash attention: packed batches would attend across documents
@@ -134,11 +136,31 @@ def _check_trainer(cfg: DictConfig) -> None:
         "trainer.progress_refresh_rate",
     ):
         at_least(cfg, key, 1)
+    at_least(cfg, "trainer.limit_val_batches", 0)
+    at_least(cfg, "trainer.gradient_clip_val", 0, allow_none=True)
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    for name in ("vision", "adapter", "llm"):
+        at_least(cfg, f"optim.lr.{name}", 0)
+    at_least(cfg, "optim.warmup_steps", 0)
+    at_least(cfg, "optim.weight_decay", 0)
+    in_range(cfg, "optim.min_lr_ratio", 0.0, 1.0)
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"optim.betas: two values in [0, 1), got {betas}")
+    if not cfg.optim.eps > 0:
+        raise ConfigError(f"optim.eps must be > 0, got {cfg.optim.eps}")
 
 
 def _check_model(cfg: DictConfig) -> None:
     for key in ("model.anyres.max_grid", "model.anyres.max_tiles", "model.adapter.downsample"):
         at_least(cfg, key, 1)
+    vision = cfg.model.vision
+    if vision.patch_size < 1 or vision.image_size % vision.patch_size:
+        raise ConfigError(
+            f"model.vision.image_size={vision.image_size} must be a multiple of model.vision.patch_size={vision.patch_size}"
+        )
     rope = cfg.context.rope
     if rope is None:
         return

@@ -70,6 +70,10 @@ def _check_preset(model_yaml: DictConfig, name: str) -> None:
         # training settings belong to the stage yaml, so a preset can never undo them
         extra = sorted(set(model_yaml) - {"model"})
         raise ConfigError(f"{source} may only set 'model', not {extra}")
+    try:
+        OmegaConf.resolve(model_yaml)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
     for key in STAGE_OWNED:
         if OmegaConf.select(model_yaml, key) is not None:
             raise ConfigError(f"{source} sets {key}, which belongs to the stage (stage yaml or command line)")
@@ -129,24 +133,27 @@ def load_config(argv: Sequence[str] = ()) -> DictConfig:
     model_yaml = _yaml("model", model)
     _check_preset(model_yaml, model)
     cfg = _merge(cfg, model_yaml, f"configs/model/{model}.yaml")
-    cfg = _resolve(_merge_cli(cfg, dotlist))
-    cfg.stage, cfg.model.name = stage, model
-    if cfg.run_dir is None:
-        cfg.run_dir = f"runs/{stage}"
+    cfg = _merge_cli(cfg, dotlist)
+    cfg.stage, cfg.model.name = stage, model  # before resolving: ${stage} may be interpolated
+    cfg = _resolve(cfg)
     validate(cfg)
     _inherit_context(cfg)
     return cfg
 
 
 def _inherit_context(cfg: DictConfig) -> None:
-    """A run started from a checkpoint keeps that checkpoint's context scaling unless its stage
-    or command line sets one (``context.rope``); config.yaml then shows what was applied."""
-    if cfg.init_from and cfg.context.rope is None:
-        from lit_bluelm.checkpoint import saved_config
+    """A run started (``init_from``) or continued (``resume_from``) from a checkpoint keeps that
+    checkpoint's context scaling unless its stage or command line sets one (``context.rope``);
+    config.yaml then shows what was applied."""
+    key = "init_from" if cfg.init_from else "resume_from" if cfg.resume_from else None
+    if key is None or cfg.context.rope is not None:
+        return
+    from lit_bluelm.checkpoint import saved_config
 
-        rope = (saved_config(cfg.init_from, "init_from").get("context") or {}).get("rope")
-        if rope is not None:
-            cfg.context.rope = rope
+    saved = saved_config(cfg[key], key, required=False)  # a bare state dict has no config
+    rope = ((saved or {}).get("context") or {}).get("rope")
+    if rope is not None:
+        cfg.context.rope = rope
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:

@@ -213,7 +213,7 @@ class CheckpointConfig:
 class Config:
     stage: str = DEFAULT_STAGE
     module: str = "next_token"  # STAGE_MODULES key
-    run_dir: Optional[str] = None  # default: runs/<stage>
+    run_dir: str = "runs/${stage}"  # resolved after stage= is known
     seed: int = 1234
     init_from: Optional[str] = None  # checkpoint to take model weights from (new run)
     resume_from: Optional[str] = None  # checkpoint of this run to continue (step, optimizer, LR)

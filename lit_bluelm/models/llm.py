@@ -18,7 +18,8 @@ def apply_context(hf_cfg: PretrainedConfig, rope: Rope) -> PretrainedConfig:
     """Merge a stage's context scaling (``context.rope``) into the LLM's ``rope_parameters``.
 
     The preset keeps ``rope_theta`` and its length, which becomes
-    ``original_max_position_embeddings``; ``max_position_embeddings`` is original x factor.
+    ``original_max_position_embeddings``; ``max_position_embeddings`` is original x factor
+    (except ``dynamic``, which scales beyond it at run time and so keeps the original).
     ``rope_type: default`` goes back to plain RoPE at the original length."""
     if not rope:
         return hf_cfg
@@ -30,7 +31,8 @@ def apply_context(hf_cfg: PretrainedConfig, rope: Rope) -> PretrainedConfig:
         params, length = {"rope_type": "default"}, original
     else:
         params = {**rope, "original_max_position_embeddings": original}
-        length = int(original * float(rope["factor"]))
+        # dynamic NTK rescales beyond max_position_embeddings, so that stays the original length
+        length = original if rope["rope_type"] == "dynamic" else int(original * float(rope["factor"]))
     if theta is not None:
         params["rope_theta"] = theta
     hf_cfg.rope_parameters = params

@@ -29,6 +29,7 @@ from lit_bluelm.models.prune import check_prunable, measure_importance, prune_in
 from lit_bluelm.modules.base import Batch
 from lit_bluelm.modules.next_token import NextTokenModule
 from lit_bluelm.objectives import Head, KDOptions, distill_head_loss
+from lit_bluelm.parallel import compute_dtype
 from lit_bluelm.tokenizer import load_tokenizer
 
 TEACHER_KEY = "distill.teacher"
@@ -56,7 +57,7 @@ class DistillModule(NextTokenModule):
         check_teacher(source, student.vocab_size, tokenizer)
         if cfg.distill.init_from_teacher:
             check_prunable(source.hf_config, student, cfg.distill.keep_layers)
-        check_quantize(source, cfg.distill.quantize, "distill.quantize")
+        check_quantize(source, cfg.distill.quantize, "distill.quantize", cfg.trainer.accelerator)
         if cfg.data.packing and str(source.llm.attn_implementation).startswith("flash"):
             raise ConfigError(
                 f"{TEACHER_KEY} uses flash attention, which would attend across packed documents"
@@ -66,7 +67,7 @@ class DistillModule(NextTokenModule):
 
     def _load_teacher(self) -> PreTrainedModel:
         d = self.cfg.distill
-        dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else torch.float32
+        dtype = compute_dtype(self.cfg.trainer.precision)
         teacher = load_frozen_llm(
             resolve_source(d.teacher, TEACHER_KEY), dtype, d.quantize, "distill.quantize"
         )
