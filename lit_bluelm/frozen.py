@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from lit_bluelm.checkpoint import check_checkpoint, load_run, run_tokenizer, saved_config
+from lit_bluelm.checkpoint import load_run, run_tokenizer, saved_config
 from lit_bluelm.config import available, from_container, preset
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.models.llm import LLMS, check_output_head, llm_config
@@ -47,8 +47,7 @@ def resolve_source(spec: str, key: str) -> ModelSource:
         llm = from_container({"model": {"llm": {"name": "from_pretrained", "path": str(path)}}}).model.llm
         has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
         return ModelSource(spec, key, llm, tokenizer=str(path) if has_tokenizer else None)
-    if path.exists():  # lit-bluelm checkpoint
-        check_checkpoint(path, key)
+    if path.exists():  # lit-bluelm checkpoint (saved_config checks its form, safely)
         saved = from_container(saved_config(path, key), f"{key} (saved config)")
         tok = run_tokenizer(path, saved)
         return ModelSource(

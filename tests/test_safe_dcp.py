@@ -114,6 +114,14 @@ def test_allowed_is_the_genuine_vocabulary():
     assert not {("builtins", "eval"), ("posix", "system"), ("os", "system")} & ALLOWED
 
 
+# every way the project reads a folder's metadata: each must refuse the same files
+METADATA_READERS = (
+    read_metadata,
+    check_sharded_checkpoint,
+    lambda p: SafeFileSystemReader(str(p)).read_metadata(),
+)
+
+
 @pytest.mark.parametrize(
     "payload, refused", [(Touch, f"{os.system.__module__}.system"), (Eval, "builtins.eval")]
 )
@@ -126,11 +134,7 @@ def test_crafted_metadata_is_refused_unrun(tmp_path, genuine, payload, refused):
     md.planner_data = {"x": payload(marker)}
     for blob in (bare, pickle.dumps(md)):
         (path / ".metadata").write_bytes(blob)
-        for read in (
-            read_metadata,
-            check_sharded_checkpoint,
-            lambda p: SafeFileSystemReader(str(p)).read_metadata(),
-        ):
+        for read in METADATA_READERS:
             with pytest.raises(UnsafeCheckpointError) as err:
                 read(path)
             assert refused in _one_line(err) and ".metadata" in str(err.value)
@@ -165,11 +169,7 @@ def test_data_file_outside_the_folder_is_refused(genuine):
 
 
 def test_missing_metadata(tmp_path):
-    for read in (
-        read_metadata,
-        check_sharded_checkpoint,
-        lambda p: SafeFileSystemReader(str(p)).read_metadata(),
-    ):
+    for read in METADATA_READERS:
         with pytest.raises(NotACheckpointError) as err:
             read(tmp_path)
         assert _one_line(err) == f"'{tmp_path}' is not a sharded checkpoint folder (no .metadata)"
