@@ -15,21 +15,12 @@ $(STAMP): setup.cfg setup.py
 
 venv: $(STAMP)
 
-# The pipeline on the tiny model: demo data (written once), then each stage from the last.
-# Stage 1 trains a larger teacher, prunes the tiny student out of it and distils it; the same
-# student trained from scratch for the same steps is the baseline it must beat.
-TEACHER_CKPT := $(DEMO_RUNS)/text_teacher/checkpoints/last.ckpt
+# The pipeline on the tiny model (lit_bluelm/demo.py): demo data (written once), then each stage
+# from the last, in one process. Stage 1 trains a larger teacher, prunes the tiny student out of
+# it and distils it; the same student trained from scratch for the same steps is the baseline it
+# must beat. FROM=<run> (e.g. FROM=sft) reruns from that stage on, reusing the earlier runs.
 demo: $(STAMP)
-	$(BIN)/python -m datamodules.demo
-	$(BIN)/python train.py stage=text module=next_token model=tiny_teacher run_dir=$(DEMO_RUNS)/text_teacher
-	$(BIN)/python train.py stage=text module=next_token run_dir=$(DEMO_RUNS)/text_scratch
-	$(BIN)/python train.py stage=text distill.teacher=$(TEACHER_CKPT) distill.init_from_teacher=true \
-		run_dir=$(DEMO_RUNS)/text
-	$(BIN)/python train.py stage=joint init_from=$(DEMO_RUNS)/text/checkpoints/last.ckpt run_dir=$(DEMO_RUNS)/joint
-	$(BIN)/python train.py stage=reasoning init_from=$(DEMO_RUNS)/joint/checkpoints/last.ckpt \
-		run_dir=$(DEMO_RUNS)/reasoning
-	$(BIN)/python -m lit_bluelm.summary $(DEMO_RUNS)/text_teacher $(DEMO_RUNS)/text_scratch $(DEMO_RUNS)/text \
-		$(DEMO_RUNS)/joint $(DEMO_RUNS)/reasoning --better $(DEMO_RUNS)/text $(DEMO_RUNS)/text_scratch
+	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) $(if $(FROM),--from $(FROM))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,8 @@
 """Data bookkeeping at optimizer-step boundaries: tells the datamodule when the batches of a step
-are trained (``step_done``), and logs ``data/skipped``, ``data/packing_efficiency`` and
-``data/frac/<source>``. The total of skipped samples is kept in checkpoints (``data_skipped``).
+are trained (``step_done``), and logs ``data/skipped`` (every sample the loader skipped),
+``data/too_long`` (those of them skipped as longer than ``data.seq_len``),
+``data/packing_efficiency`` and ``data/frac/<source>``. Both totals are kept in checkpoints
+(``data_skipped``, ``data_too_long``).
 
 Uses the datamodule's documented ``step_done()`` and ``take_counts()``. It must come before
 ``LastCheckpoint`` in the callback list, so a checkpoint saved at a step includes that step's
@@ -19,6 +21,7 @@ class DataProgress(L.Callback):
     def __init__(self, sources: List[str]) -> None:
         self.sources = list(sources)
         self.skipped = 0  # this rank's skipped samples (rank 0 also holds the resumed total)
+        self.too_long = 0  # of those, the ones too long for data.seq_len
         self._real = self._slots = 0
         self._docs: Dict[str, int] = {}
         self._step_at_batch_start = -1
@@ -29,6 +32,7 @@ class DataProgress(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         counts = trainer.datamodule.take_counts()
         self.skipped += counts.skipped
+        self.too_long += counts.too_long
         self._real += counts.real_tokens
         self._slots += counts.slots
         for name, n in counts.documents.items():
@@ -42,12 +46,19 @@ class DataProgress(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # one collective for every count: skipped samples, real tokens, slots, documents per source
-        local = [self.skipped, self._real, self._slots, *(self._docs.get(n, 0) for n in self.sources)]
+        local = [
+            self.skipped,
+            self.too_long,
+            self._real,
+            self._slots,
+            *(self._docs.get(n, 0) for n in self.sources),
+        ]
         counts = trainer.strategy.reduce(
             torch.tensor([float(c) for c in local], device=pl_module.device), reduce_op="sum"
         )
-        skipped, real, slots, docs = counts[0], counts[1], counts[2], counts[3:]
+        skipped, too_long, real, slots, docs = counts[0], counts[1], counts[2], counts[3], counts[4:]
         pl_module.log("data/skipped", skipped, on_step=True, on_epoch=False)
+        pl_module.log("data/too_long", too_long, on_step=True, on_epoch=False)
         if slots > 0:  # real tokens / row slots since the last log (padding is the rest)
             pl_module.log("data/packing_efficiency", real / slots, on_step=True, on_epoch=False)
         if docs.sum() > 0:  # realised fraction of documents per source since the last log
@@ -60,10 +71,13 @@ class DataProgress(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Dict[str, Any]
     ) -> None:
         # every rank calls this; the summed count is stored once (rank 0 restores it)
-        local = torch.tensor(float(self.skipped), device=pl_module.device)
-        checkpoint["data_skipped"] = int(trainer.strategy.reduce(local, reduce_op="sum").item())
+        local = torch.tensor([float(self.skipped), float(self.too_long)], device=pl_module.device)
+        skipped, too_long = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        checkpoint["data_skipped"], checkpoint["data_too_long"] = int(skipped), int(too_long)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Dict[str, Any]
     ) -> None:
-        self.skipped = int(checkpoint.get("data_skipped", 0)) if trainer.global_rank == 0 else 0
+        rank0 = trainer.global_rank == 0
+        self.skipped = int(checkpoint.get("data_skipped", 0)) if rank0 else 0
+        self.too_long = int(checkpoint.get("data_too_long", 0)) if rank0 else 0

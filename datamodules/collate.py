@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from datamodules.kinds import IGNORE_INDEX, Example
+from datamodules.kinds import IGNORE_INDEX, Example, Skips
 
 
 class Collator:
@@ -15,7 +15,8 @@ class Collator:
     Batch: ``input_ids``/``labels``/``attention_mask`` [B, T]; ``position_ids`` [B, T] for packed
     rows (restarting per document) or None; ``pixel_values`` [tiles, 3, S, S]
     (every image's tiles, in row order, matching the placeholder order) or None; ``source``,
-    ``key``, ``task`` lists; ``doc_sources`` (the source of every document); ``data_state``; ``skipped`` (samples skipped by the reader since its last batch).
+    ``key``, ``task`` lists; ``doc_sources`` (the source of every document); ``data_state``; ``skipped`` (samples skipped by the reader since its last
+    batch, and how many of them were too long: a tensor ``[total, too_long]``).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 8) -> None:
@@ -53,7 +54,7 @@ class Collator:
             "source": [e.get("source", "") for e in examples],
             "key": [e.get("key", "") for e in examples],
             "task": [e.get("task", "") for e in examples],
-            "skipped": torch.tensor(sum(int(e.get("skipped", 0)) for e in examples)),
+            "skipped": torch.tensor(list(Skips.sum(e.get("skipped", 0) for e in examples))),
             # every document's source (a packed row holds several), for data/frac/<source>
             "doc_sources": [
                 src

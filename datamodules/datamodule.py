@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from datamodules.collate import Collator
+from datamodules.kinds import Skips
 from datamodules.streams import MixedStream, MixtureWeights, build_sources, reader_shards
 from lit_bluelm.config import schedule_step
 from lit_bluelm.processor import BlueLMProcessor
@@ -55,7 +56,8 @@ def schedule_points(cfg: DictConfig, names: Sequence[str]) -> List[tuple]:
 class DataCounts:
     """What this rank's training batches held since the last ``take_counts()``."""
 
-    skipped: int = 0  # samples the loader skipped (unreadable or bad)
+    skipped: int = 0  # samples the loader skipped (unreadable, bad or too long)
+    too_long: int = 0  # of those, conversations longer than data.seq_len
     real_tokens: int = 0
     slots: int = 0  # row slots (real tokens + padding)
     documents: Counter = field(default_factory=Counter)  # documents per source
@@ -152,7 +154,10 @@ class BlueLMDataModule(L.LightningDataModule):
             if data_state is not None:
                 self._pending.append(data_state)
             self._counts.documents.update(sources or ())
-            self._counts.skipped += int(skipped) if skipped is not None else 0
+            if skipped is not None:
+                total, too_long = Skips.of(skipped)
+                self._counts.skipped += total
+                self._counts.too_long += too_long
             mask = batch.get("attention_mask")
             if mask is not None:
                 self._counts.real_tokens += int(mask.sum())

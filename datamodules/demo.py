@@ -2,11 +2,22 @@
 
     python -m datamodules.demo [--out data/demo] [--force]
 
-Writes ``<out>/{train,val}/image_text-NNNNNN.tar`` (rendered shapes: png + caption txt + json
-metadata, with counting and colour questions), ``<out>/{train,val}/text-NNNNNN.tar`` (facts
-about invented kingdoms as txt, arithmetic with worked solutions as json) and
-``<out>/tokenizer`` (byte-level BPE, every special token of the pipeline). The content is a
-function of the seed alone; it is small and regular enough for the tiny model to learn.
+Writes, for each split ``{train,val}``:
+
+* ``image_text-NNNNNN.tar``: rendered shapes (png + caption txt + json metadata, with counting
+  and colour questions);
+* ``text-NNNNNN.tar``: facts about invented kingdoms (txt) and sums worked with a running total
+  (json with a ``text`` field);
+* ``cot-NNNNNN.tar``: chain-of-thought samples (sums with a running total, shapes of a described
+  scene counted one by one);
+* ``sft_think-NNNNNN.tar`` / ``sft_nothink-NNNNNN.tar``: chat conversations of the demo tasks
+  (:mod:`datamodules.demo_tasks`) in the thinking and the non-thinking mode, images as ``0.png``;
+
+and ``<out>/eval/<task>.jsonl`` (+ ``eval/images/``), the held-out items of ``demo_arith``,
+``demo_count`` and ``demo_color``, none of which occurs in any shard, and ``<out>/tokenizer``
+(byte-level BPE with single-digit numbers, every special token of the pipeline, the chat
+template). The content is a function of the seed alone; it is small and regular enough for the
+tiny model to learn.
 """
 
 from __future__ import annotations
@@ -20,25 +31,36 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Tuple
 
 import webdataset as wds
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from datamodules.demo_tasks import (
+    COLORS,
+    SHAPES,
+    Item,
+    arith_item,
+    count_steps,
+    describe,
+    fresh,
+    held_out_items,
+    image_key,
+    kingdoms,
+    plural,
+    scene,
+    task_makers,
+)
 from lit_bluelm.chat import cot_messages, render_chat
 from lit_bluelm.tokenizer import train_tokenizer
 
-COLORS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-CANVASES = ((112, 112), (224, 112), (112, 224), (224, 224))  # varied aspect ratios for AnyRes
-CELL = 56
 MARKER = ".complete"
-VERSION = 3  # bumped when the content changes (2: chain-of-thought shards, 3: the tokenizer's chat template); older sets are rewritten
+# bumped when the content changes (2: chain-of-thought shards, 3: the tokenizer's chat template,
+# 4: single-digit numbers, SFT conversations, held-out evaluation items); older sets are rewritten
+VERSION = 4
+# the tasks of an SFT conversation, with their shares
+SFT_TASKS = {"demo_arith": 0.35, "demo_count": 0.25, "demo_color": 0.15, "demo_open": 0.25}
+SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def is_current(out: str | Path) -> bool:
@@ -61,48 +83,21 @@ class DemoSpec:
     train_per_shard: int = 400
     val_per_shard: int = 64
     vocab_size: int = 1024
+    eval_items: int = 300  # held-out items per evaluation task
     seed: int = 0
 
 
-# ----------------------------------------------------------------------------- image-text
+# ----------------------------------------------------------------------------- samples
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Tuple[int, int, int, int], color) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def _plural(word: str, n: int) -> str:
-    return word if n == 1 else word + "s"
-
-
-def _join(items: List[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def shapes_sample(rng: random.Random) -> Tuple[Image.Image, str, Dict]:
+def shapes_sample(rng: random.Random, held_out: FrozenSet[str]) -> Tuple[Image.Image, str, Dict]:
     """A canvas with 1-4 coloured shapes, a left-to-right caption and one question."""
-    width, height = rng.choice(CANVASES)
-    cells = [(c, r) for r in range(height // CELL) for c in range(width // CELL)]
-    chosen = sorted(rng.sample(cells, rng.randint(1, min(4, len(cells)))))
-    image = Image.new("RGB", (width, height), (245, 245, 245))
-    draw = ImageDraw.Draw(image)
-    objects = []
-    for col, row in chosen:
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        size = rng.randint(30, 46)
-        x = col * CELL + rng.randint(2, CELL - size - 2)
-        y = row * CELL + rng.randint(2, CELL - size - 2)
-        _draw(draw, shape, (x, y, x + size, y + size), COLORS[color])
-        objects.append((color, shape))
+    while True:
+        image, objects = scene(rng, 1, 4)
+        if image_key(image) not in held_out:
+            break
     n = len(objects)
-    described = _join([f"a {color} {shape}" for color, shape in objects])
-    caption = f"There {'is' if n == 1 else 'are'} {n} {_plural('shape', n)}: {described}."
+    caption = f"There {'is' if n == 1 else 'are'} {n} {plural('shape', n)}: {describe(objects)}."
     kind = rng.choice(("shape", "color", "total"))
     if kind == "shape":
         shape = rng.choice(SHAPES)
@@ -114,26 +109,8 @@ def shapes_sample(rng: random.Random) -> Tuple[Image.Image, str, Dict]:
         question = f"How many {color} shapes are there? Answer: {count}."
     else:
         question = f"How many shapes are there? Answer: {n}."
-    meta = {"task": "caption", "width": width, "height": height, "objects": objects}
+    meta = {"task": "caption", "width": image.width, "height": image.height, "objects": objects}
     return image, f"{caption} Question: {question}", meta
-
-
-# ----------------------------------------------------------------------------- text
-
-_SYLLABLES = ("ka", "lo", "mi", "ra", "ten", "vor", "zu", "bel", "dra", "ni", "sol", "pur", "quen", "tha")
-
-
-def _name(rng: random.Random) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-
-
-def kingdoms(seed: int, n: int = 40) -> List[Dict[str, str]]:
-    """A fixed table of invented facts, the same in every shard (so it can be learned)."""
-    rng = random.Random(f"kingdoms/{seed}")
-    return [
-        {"kingdom": _name(rng), "capital": _name(rng), "river": _name(rng), "color": rng.choice(list(COLORS))}
-        for _ in range(n)
-    ]
 
 
 def fact_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
@@ -149,62 +126,68 @@ def fact_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
     )
 
 
-def addition_text(rng: random.Random) -> str:
-    """Two-digit addition worked digit by digit, with carries."""
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    ones = a % 10 + b % 10
-    steps = [f"{a % 10} + {b % 10} = {ones}" + (f", write {ones % 10} carry 1." if ones >= 10 else ".")]
-    carry = ones // 10
-    tens = a // 10 + b // 10 + carry
-    steps.append(f"{a // 10} + {b // 10}" + (" + 1" if carry else "") + f" = {tens}.")
-    return f"Question: What is {a} + {b}? Solution: {' '.join(steps)} The answer is {a + b}."
-
-
-def addition_cot(rng: random.Random) -> Dict[str, str]:
-    """Two-digit addition with the digit-by-digit working as the thinking."""
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    ones = a % 10 + b % 10
-    carry = ones // 10
-    steps = [f"Ones: {a % 10} + {b % 10} = {ones}" + (f", write {ones % 10}, carry 1." if carry else ".")]
-    tens = a // 10 + b // 10 + carry
-    steps.append(f"Tens: {a // 10} + {b // 10}" + (" + 1" if carry else "") + f" = {tens}.")
-    steps.append(f"So {a} + {b} = {a + b}.")
-    return {
-        "question": f"What is {a} + {b}?",
-        "thinking": " ".join(steps),
-        "answer": str(a + b),
-        "task": "arithmetic",
-    }
+def addition_text(rng: random.Random, held_out: FrozenSet[str]) -> str:
+    """A sum of 3-5 numbers worked with a running total (the demo_arith skill, as plain text)."""
+    item = fresh(arith_item, rng, held_out)
+    return f"Question: {item.prompt} Solution: {item.thinking} The answer is {item.answer}."
 
 
 def counting_cot(rng: random.Random) -> Dict[str, str]:
     """Counting the shapes of one colour in a described scene, one object at a time."""
     objects = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.randint(2, 5))]
     color = rng.choice([c for c, _ in objects] + [rng.choice(list(COLORS))])
-    described = _join([f"a {c} {s}" for c, s in objects])
-    steps, count = [], 0
-    for c, s in objects:
-        if c == color:
-            count += 1
-            steps.append(f"The {c} {s} is {color}: {count}.")
-        else:
-            steps.append(f"The {c} {s} is not {color}.")
+    thinking, count = count_steps(objects, color)
     return {
-        "question": f"There are {described}. How many {color} shapes are there?",
-        "thinking": " ".join(steps + [f"That makes {count}."]),
+        "question": f"There are {describe(objects)}. How many {color} shapes are there?",
+        "thinking": thinking,
         "answer": str(count),
         "task": "counting",
     }
 
 
-def cot_sample(rng: random.Random) -> Dict[str, str]:
-    return addition_cot(rng) if rng.random() < 0.5 else counting_cot(rng)
+def cot_sample(rng: random.Random, held_out: FrozenSet[str]) -> Dict[str, str]:
+    """A sum with a running total, or counting in a described scene."""
+    if rng.random() < 0.7:
+        item = fresh(arith_item, rng, held_out)
+        return {
+            "question": item.prompt,
+            "thinking": item.thinking,
+            "answer": item.answer,
+            "task": "arithmetic",
+        }
+    return counting_cot(rng)
 
 
-def text_sample(rng: random.Random, table: List[Dict[str, str]]) -> Tuple[str, Dict]:
-    if rng.random() < 0.5:
+def text_sample(
+    rng: random.Random, table: List[Dict[str, str]], held_out: FrozenSet[str]
+) -> Tuple[str, Dict]:
+    if rng.random() < 0.4:
         return fact_text(rng, table), {"task": "fact"}
-    return addition_text(rng), {"task": "arithmetic"}
+    return addition_text(rng, held_out), {"task": "arithmetic"}
+
+
+def sft_conversation(
+    rng: random.Random, makers, held_out: FrozenSet[str], think: bool
+) -> Tuple[List[Dict[str, str]], Item]:
+    """An SFT conversation in one mode: a task item as the final exchange, sometimes after a
+    system prompt or an earlier question (whose answer is kept alone, as the chat format does)."""
+    task = rng.choices(list(SFT_TASKS), weights=list(SFT_TASKS.values()))[0]
+    item = fresh(makers[task], rng, held_out)
+    messages: List[Dict[str, str]] = []
+    if rng.random() < 0.2:
+        messages.append({"role": "system", "content": SYSTEM_PROMPT})
+    if rng.random() < 0.15:
+        earlier = makers["demo_open"](rng)
+        messages += [
+            {"role": "user", "content": earlier.prompt},
+            {"role": "assistant", "content": earlier.answer},
+        ]
+    messages.append({"role": "user", "content": item.user_content()})
+    reply = {"role": "assistant", "content": item.answer}
+    if think:
+        reply["thinking"] = item.thinking
+    messages.append(reply)
+    return messages, item
 
 
 # ----------------------------------------------------------------------------- writing
@@ -222,10 +205,10 @@ def _write_shard(path: Path, samples: Iterator[Dict[str, bytes]]) -> None:
             sink.write(sample)
 
 
-def _image_text_samples(rng: random.Random, prefix: str, n: int, texts: List[str]) -> Iterator[Dict]:
+def _image_text_samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
     for i in range(n):
-        image, caption, meta = shapes_sample(rng)
-        texts.append(caption)
+        image, caption, meta = shapes_sample(rng, ctx.held_out)
+        ctx.texts.append(caption)
         yield {
             "__key__": f"{prefix}-{i:05d}",
             "png": _png(image),
@@ -234,10 +217,10 @@ def _image_text_samples(rng: random.Random, prefix: str, n: int, texts: List[str
         }
 
 
-def _text_samples(rng: random.Random, prefix: str, n: int, table, texts: List[str]) -> Iterator[Dict]:
+def _text_samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
     for i in range(n):
-        text, meta = text_sample(rng, table)
-        texts.append(text)
+        text, meta = text_sample(rng, ctx.table, ctx.held_out)
+        ctx.texts.append(text)
         key = f"{prefix}-{i:05d}"
         if meta["task"] == "fact":  # both text layouts occur: txt, and json with a text field
             yield {"__key__": key, "txt": text.encode()}
@@ -245,15 +228,64 @@ def _text_samples(rng: random.Random, prefix: str, n: int, table, texts: List[st
             yield {"__key__": key, "json": json.dumps({"text": text, **meta}).encode()}
 
 
-def _cot_samples(rng: random.Random, prefix: str, n: int, texts: List[str]) -> Iterator[Dict]:
+def _cot_samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
     for i in range(n):
-        sample = cot_sample(rng)
-        texts.append(render_chat(cot_messages(sample["question"], sample["thinking"], sample["answer"])))
+        sample = cot_sample(rng, ctx.held_out)
+        ctx.texts.append(render_chat(cot_messages(sample["question"], sample["thinking"], sample["answer"])))
         yield {"__key__": f"{prefix}-{i:05d}", "json": json.dumps(sample).encode()}
 
 
+def _sft_samples(think: bool):
+    def samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
+        for i in range(n):
+            messages, item = sft_conversation(rng, ctx.makers, ctx.held_out, think)
+            ctx.texts.append(render_chat(messages))
+            sample = {
+                "__key__": f"{prefix}-{i:05d}",
+                "json": json.dumps({"messages": messages, "task": item.task}).encode(),
+            }
+            if item.image is not None:
+                sample["0.png"] = _png(item.image)
+            yield sample
+
+    return samples
+
+
+SOURCES = {  # source name -> writer of its samples
+    "image_text": _image_text_samples,
+    "text": _text_samples,
+    "cot": _cot_samples,
+    "sft_think": _sft_samples(think=True),
+    "sft_nothink": _sft_samples(think=False),
+}
+
+
+@dataclass
+class _Context:
+    table: List[Dict[str, str]]
+    makers: Dict
+    held_out: FrozenSet[str]
+    texts: List[str]  # training texts (for the tokenizer)
+
+
+def write_eval(out: Path, items: Dict[str, List[Item]]) -> None:
+    """``<out>/<task>.jsonl`` (prompt, answer, metric, image path relative to the file) and
+    ``<out>/images/``."""
+    (out / "images").mkdir(parents=True)
+    for task, task_items in items.items():
+        with open(out / f"{task}.jsonl", "w") as f:
+            for i, item in enumerate(task_items):
+                line = {"prompt": item.prompt, "answer": item.answer, "metric": item.metric}
+                if item.image is not None:
+                    name = f"images/{task}-{i:05d}.png"
+                    item.image.save(out / name)
+                    line["image"] = name
+                f.write(json.dumps(line) + "\n")
+
+
 def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False) -> Path:
-    """Write the demo shards and tokenizer to ``out`` (atomically: a crash leaves no half set)."""
+    """Write the demo shards, held-out evaluation items and tokenizer to ``out`` (atomically: a
+    crash leaves no half set)."""
     out = Path(out)
     if is_current(out) and not force:
         return out
@@ -262,28 +294,22 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     table = kingdoms(spec.seed)
+    held_out = held_out_items(spec.seed, spec.eval_items)
+    write_eval(tmp / "eval", held_out)
     train_texts: List[str] = []
+    keys = frozenset(item.key for items in held_out.values() for item in items)
     for split, shards, per_shard in (
         ("train", spec.train_shards, spec.train_per_shard),
         ("val", spec.val_shards, spec.val_per_shard),
     ):
         (tmp / split).mkdir(parents=True)
-        texts = train_texts if split == "train" else []
+        ctx = _Context(table, task_makers(table), keys, train_texts if split == "train" else [])
         for s in range(shards):
-            rng = random.Random(f"{spec.seed}/{split}/image_text/{s}")
-            _write_shard(
-                tmp / split / f"image_text-{s:06d}.tar",
-                _image_text_samples(rng, f"{split}-it{s}", per_shard, texts),
-            )
-            rng = random.Random(f"{spec.seed}/{split}/text/{s}")
-            _write_shard(
-                tmp / split / f"text-{s:06d}.tar",
-                _text_samples(rng, f"{split}-tx{s}", per_shard, table, texts),
-            )
-            rng = random.Random(f"{spec.seed}/{split}/cot/{s}")
-            _write_shard(
-                tmp / split / f"cot-{s:06d}.tar", _cot_samples(rng, f"{split}-cot{s}", per_shard, texts)
-            )
+            for name, samples in SOURCES.items():
+                rng = random.Random(f"{spec.seed}/{split}/{name}/{s}")
+                _write_shard(
+                    tmp / split / f"{name}-{s:06d}.tar", samples(rng, ctx, f"{split}-{name}{s}", per_shard)
+                )
     train_tokenizer(train_texts, spec.vocab_size, tmp / "tokenizer")
     (tmp / MARKER).write_text(json.dumps({"version": VERSION, **spec.__dict__}))
     if force:
@@ -296,7 +322,8 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
         if not (out / MARKER).exists():
             raise
     print(
-        f"demo data: wrote {3 * (spec.train_shards + spec.val_shards)} shards and a tokenizer "
+        f"demo data: wrote {len(SOURCES) * (spec.train_shards + spec.val_shards)} shards, "
+        f"{len(held_out)} held-out evaluation sets of {spec.eval_items} items and a tokenizer "
         f"to {out} in {time.time() - start:.1f}s",
         flush=True,
     )

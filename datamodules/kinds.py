@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional
 
 import torch
 from PIL import Image
@@ -26,6 +26,35 @@ Example = Dict[str, Any]
 
 class SampleError(ValueError):
     """A sample that cannot be used (bad bytes, missing member, too long): skipped and counted."""
+
+
+class TooLong(SampleError):
+    """A conversation longer than ``data.seq_len`` (never split): skipped, counted as ``too_long``."""
+
+
+class Skips(NamedTuple):
+    """Samples skipped since the last example: all of them, and how many of them were too long.
+    Carried by examples, rows and batches as ``skipped``; saved in stream states as a list."""
+
+    total: int = 0
+    too_long: int = 0
+
+    def __add__(self, other: Skips) -> Skips:  # type: ignore[override]
+        return Skips(self.total + other.total, self.too_long + other.too_long)
+
+    @classmethod
+    def of(cls, value: Any) -> Skips:
+        """From a saved state or a batch: ``[total, too_long]`` (a list or a tensor), or the single
+        count of older checkpoints."""
+        value = value.tolist() if hasattr(value, "tolist") else value
+        return cls(int(value), 0) if isinstance(value, (int, float)) else cls(*map(int, value))
+
+    @classmethod
+    def sum(cls, values: Iterable[Any]) -> Skips:
+        total = cls()
+        for value in values:
+            total = total + cls.of(value)
+        return total
 
 
 def _member(raw: Dict[str, Any], *exts: str) -> Optional[bytes]:
@@ -147,9 +176,7 @@ def encode_chat(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -
     except ValueError as err:
         raise SampleError(str(err)) from None
     if len(encoded.input_ids) > seq_len:
-        raise SampleError(
-            f"too_long: a conversation of {len(encoded.input_ids)} tokens > data.seq_len={seq_len}"
-        )
+        raise TooLong(f"a conversation of {len(encoded.input_ids)} tokens > data.seq_len={seq_len}")
     return _example(encoded.input_ids, encoded.pixel_values, meta, processor.image_token_id, encoded.trained)
 
 

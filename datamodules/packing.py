@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
-from datamodules.kinds import Example
+from datamodules.kinds import Example, Skips
 from lit_bluelm.labels import IGNORE_INDEX
 
 
@@ -31,7 +31,7 @@ def split_long(example: Example, seq_len: int) -> List[Example]:
         piece = dict(example)
         piece["input_ids"] = example["input_ids"][start : start + seq_len]
         piece["labels"] = example["labels"][start : start + seq_len]
-        piece["skipped"] = example.get("skipped", 0) if i == 0 else 0
+        piece["skipped"] = example.get("skipped", Skips()) if i == 0 else Skips()
         pieces.append(piece)
     return pieces
 
@@ -55,7 +55,7 @@ def join(docs: List[Example]) -> Example:
         "source": docs[0].get("source", ""),
         "sources": [d.get("source", "") for d in docs if d.get("piece", 0) == 0],  # documents, not pieces
         "key": "+".join(str(d.get("key", "")) for d in docs),
-        "skipped": sum(int(d.get("skipped", 0)) for d in docs),
+        "skipped": Skips.sum(d.get("skipped", 0) for d in docs),
         "documents": len(docs),
     }
 
@@ -114,7 +114,7 @@ class RowBuilder:
                 "source": d.get("source_index", 0),
                 "ref": list(d["ref"]),
                 "piece": d["piece"],
-                "skipped": d.get("skipped", 0),
+                "skipped": list(Skips.of(d.get("skipped", 0))),
             }
             for d in self.pending
         ]
@@ -129,7 +129,7 @@ class RowBuilder:
         self.pending = []
         for item, doc in zip(state, docs, strict=True):
             piece = split_long(doc, self.seq_len)[item["piece"]]
-            piece["piece"], piece["skipped"] = item["piece"], item["skipped"]
+            piece["piece"], piece["skipped"] = item["piece"], Skips.of(item["skipped"])
             self.pending.append(piece)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import webdataset as wds
 
-from datamodules.kinds import SAMPLE_KINDS, Example
+from datamodules.kinds import SAMPLE_KINDS, Example, Skips, TooLong
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.processor import BlueLMProcessor
 
@@ -66,16 +66,17 @@ def epoch_shards(
 
 
 class SkipCounter:
-    """Per-reader count of skipped samples and unreadable shards, handed out with the next example."""
+    """Per-reader count of skipped samples and unreadable shards (:class:`Skips`), handed out
+    with the next example."""
 
     MAX_WARNINGS = 5
 
     def __init__(self) -> None:
-        self.pending = 0
+        self.pending = Skips()
         self.warned = 0
 
     def skip(self, what: str, err: BaseException) -> None:
-        self.pending += 1
+        self.pending = self.pending + Skips(1, int(isinstance(err, TooLong)))
         if self.warned < self.MAX_WARNINGS:
             self.warned += 1
             log.warning("skipped %s: %s: %s", what, type(err).__name__, str(err)[:200])
@@ -85,8 +86,8 @@ class SkipCounter:
         self.skip("tar data", err)
         return True
 
-    def take(self) -> int:
-        count, self.pending = self.pending, 0
+    def take(self) -> Skips:
+        count, self.pending = self.pending, Skips()
         return count
 
 

@@ -27,7 +27,7 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.kinds import SAMPLE_KINDS, Example
+from datamodules.kinds import SAMPLE_KINDS, Example, Skips
 from datamodules.packing import RowBuilder
 from datamodules.readers import SkipCounter, Source, SourceReader, reader_shards
 from lit_bluelm.errors import ConfigError
@@ -168,7 +168,7 @@ class MixedReader:
             "sources": [s.state() for s in self.sources],
             "credits": list(self.credits),
             "rows": self.rows.state(),
-            "skipped": self.skips.pending,
+            "skipped": list(self.skips.pending),
         }
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -189,7 +189,7 @@ class MixedReader:
             return out
 
         self.rows.restore(state["rows"], encode_refs)
-        self.skips.pending = state["skipped"]
+        self.skips.pending = Skips.of(state["skipped"])
 
 
 class MixedStream(IterableDataset):

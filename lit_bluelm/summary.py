@@ -46,17 +46,12 @@ def _fmt(value: Optional[float]) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("runs", nargs="+", help="run directories")
-    parser.add_argument("--better", nargs=2, metavar=("RUN_A", "RUN_B"), help="require A's val loss < B's")
-    args = parser.parse_args(argv)
+def print_table(runs: List[str]) -> None:
+    """One row per run: stage, objective, steps, validation loss before and after (and by source)."""
     print(
         f"{'run':<32} {'stage':<8} {'module':<10} {'steps':>6} {'val_loss_before':>16} {'val_loss_after':>15}"
     )
-    for run in args.runs:
+    for run in runs:
         s = load_summary(run)
         print(
             f"{run:<32} {s['stage']:<8} {s['module']:<10} {s['global_step']:>6} "
@@ -68,16 +63,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{'':<32} val_loss_after by source: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items())
             )
-    if args.better:
-        a, b = (load_summary(r).get("val_loss_after") for r in args.better)
-        if a is None or b is None:
-            print("error: --better needs both runs to have a validation loss", file=sys.stderr)
-            return 1
-        ok = a < b
-        print(f"{args.better[0]} val/loss {a:.4f} {'<' if ok else '>='} {args.better[1]} val/loss {b:.4f}")
-        if not ok:
-            print("error: the first run is not better", file=sys.stderr)
-            return 1
+
+
+def check_better(run_a: str, run_b: str) -> bool:
+    """Did ``run_a`` end with a lower ``val/loss`` than ``run_b``? Prints the comparison."""
+    a, b = (load_summary(r).get("val_loss_after") for r in (run_a, run_b))
+    if a is None or b is None:
+        print("error: --better needs both runs to have a validation loss", file=sys.stderr)
+        return False
+    ok = a < b
+    print(f"{run_a} val/loss {a:.4f} {'<' if ok else '>='} {run_b} val/loss {b:.4f}")
+    if not ok:
+        print("error: the first run is not better", file=sys.stderr)
+    return ok
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--better", nargs=2, metavar=("RUN_A", "RUN_B"), help="require A's val loss < B's")
+    args = parser.parse_args(argv)
+    print_table(args.runs)
+    if args.better and not check_better(*args.better):
+        return 1
     return 0
 
 

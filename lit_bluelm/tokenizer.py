@@ -22,9 +22,12 @@ SPECIAL_TOKENS = [PAD, EOS, IMAGE, THINK_CONTROL, THINK_START, THINK_END, IM_STA
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory."""
+    """Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory. Numbers
+    are split into single digits (one token each), so arithmetic is learnable digit by digit."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -6,7 +6,7 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules.collate import Collator
-from datamodules.kinds import encode_image_text, encode_text
+from datamodules.kinds import Skips, encode_image_text, encode_text
 from datamodules.streams import MixedStream, Source, expand_shards, reader_shards
 from lit_bluelm.config import ConfigError
 from lit_bluelm.labels import IGNORE_INDEX
@@ -63,14 +63,14 @@ def test_collator_pads_right_and_concatenates_tiles():
         "pixel_values": None,
         "source": "text",
         "key": "b",
-        "skipped": 2,
+        "skipped": Skips(2, 1),  # 2 samples skipped, one of them too long
     }
     batch = Collator(pad_token_id=0, pad_to_multiple=4)([a, b])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100], [4, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert batch["pixel_values"].shape == (2, 3, 4, 4)
-    assert batch["source"] == ["image_text", "text"] and batch["skipped"].item() == 3
+    assert batch["source"] == ["image_text", "text"] and batch["skipped"].tolist() == [3, 1]
 
 
 def _write(path, samples):
@@ -93,9 +93,9 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, processor):
     examples = [next(stream) for _ in range(5)]
     assert [e["key"] for e in examples] == ["g0", "g1", "g2", "g3", "g4"]
     # 3 bad samples before g2, then the unreadable shard is counted on the next pass
-    assert [e["skipped"] for e in examples] == [0, 0, 3, 0, 0]
+    assert [e["skipped"] for e in examples] == [Skips(0, 0)] * 2 + [Skips(3, 0)] + [Skips(0, 0)] * 2
     later = [next(stream) for _ in range(5)]
-    assert sum(e["skipped"] for e in later) >= 1
+    assert Skips.sum(e["skipped"] for e in later).total >= 1
     assert all(e["key"].startswith("g") for e in later)
 
 
@@ -145,7 +145,7 @@ def test_dataloader_workers_read_disjoint_shards(demo_dir, processor):
     loader = iter(DataLoader(stream, batch_size=None, num_workers=2))
     shards = [next(loader)["key"].split("-")[1] for _ in range(40)]
     # workers take turns: worker 0 reads shards 0 and 2, worker 1 reads 1 and 3
-    assert set(shards[0::2]) == {"tx0"} and set(shards[1::2]) == {"tx1"}
+    assert set(shards[0::2]) == {"text0"} and set(shards[1::2]) == {"text1"}
 
 
 def test_the_data_side_imports_no_model_code():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from datamodules.collate import Collator
+from datamodules.kinds import Skips
 from datamodules.packing import join, pack_stream, split_stream
 from lit_bluelm.config import load_config
 from lit_bluelm.labels import IGNORE_INDEX
@@ -20,7 +21,7 @@ def test_join_restarts_positions_and_drops_the_cross_document_label():
     row = join([_doc(3, key="a"), _doc(2, start=50, key="b")])
     assert row["position_ids"].tolist() == [0, 1, 2, 0, 1]
     assert row["labels"].tolist() == [10, 11, 12, IGNORE_INDEX, 51]
-    assert row["key"] == "a+b" and row["skipped"] == 2 and row["documents"] == 2
+    assert row["key"] == "a+b" and row["skipped"] == Skips(2, 0) and row["documents"] == 2
 
 
 def test_pack_stream_keeps_every_token_and_splits_long_documents():
@@ -39,7 +40,7 @@ def test_pack_stream_keeps_every_token_and_splits_long_documents():
 def test_split_stream_splits_without_packing():
     pieces = list(split_stream(iter([_doc(10), _doc(3)]), seq_len=4))
     assert [len(p["input_ids"]) for p in pieces] == [4, 4, 2, 3]
-    assert [p["skipped"] for p in pieces] == [1, 0, 0, 1]  # counted once per document
+    assert [Skips.of(p["skipped"]).total for p in pieces] == [1, 0, 0, 1]  # counted once per document
 
 
 def test_best_fit_packing_of_short_documents_is_dense():

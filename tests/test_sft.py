@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
+import webdataset as wds
 
-from datamodules.kinds import SampleError, encode_chat
+from datamodules.kinds import SampleError, Skips, TooLong, encode_chat
 from datamodules.packing import join
+from datamodules.streams import MixedStream, Source
 from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.tokenizer import IM_END, IMAGE, THINK_CONTROL
 from tests.helpers import png_bytes
@@ -71,8 +73,20 @@ def test_images_are_placed_by_markers_in_member_order(processor):
 
 
 def test_a_conversation_longer_than_seq_len_is_skipped_not_split(processor):
-    with pytest.raises(SampleError, match="too_long"):
+    with pytest.raises(TooLong, match="> data.seq_len=16"):
         encode_chat(_sample(THINKING), processor, seq_len=16)
+
+
+def test_too_long_conversations_are_counted_apart_from_other_skips(tmp_path, processor):
+    good = _sample(THINKING)
+    long = _sample([{"role": "user", "content": "go on " * 200}, {"role": "assistant", "content": "ok"}])
+    with wds.TarWriter(str(tmp_path / "c-0.tar"), encoder=False) as sink:
+        for i, sample in enumerate([good, long, {"json": b"not json"}, good, good]):
+            sink.write({**sample, "__key__": f"s{i}"})
+    src = Source("sft", "chat", [str(tmp_path / "c-0.tar")], 1.0)
+    stream = iter(MixedStream([src], processor, seq_len=128, seed=0, train=False))
+    examples = [next(stream) for _ in range(3)]
+    assert Skips.sum(e["skipped"] for e in examples) == Skips(total=2, too_long=1)
 
 
 def test_packing_keeps_the_loss_masks(processor):

@@ -26,7 +26,7 @@ def test_fit_trains_logs_and_reports(fitted, capsys):
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()  # the run's own tokenizer copy
     tags = scalars(run_dir)
-    for tag in ("train/loss", "val/loss", "val/ppl", "data/skipped"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "data/skipped", "data/too_long"):
         assert tag in tags, sorted(tags)
     assert any(t.startswith("lr-") for t in tags)
     assert sorted({step for step, _ in tags["train/loss"]}) == [0, 1, 2]

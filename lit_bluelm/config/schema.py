@@ -127,7 +127,7 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    path: str = "data/demo/tokenizer"
+    path: str = "${data.demo_dir}/tokenizer"
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,0 +1,233 @@
+"""The demo's tasks: rendered scenes, invented facts and sums, each item with a prompt, worked
+thinking and a short answer, written as pre-training text, chain-of-thought samples, SFT
+conversations and held-out evaluation items by :mod:`datamodules.demo`.
+
+* ``demo_arith``: the sum of 3-5 numbers of 1-2 digits; the thinking keeps a running total (easy
+  step by step, hard in one shot for a tiny model).
+* ``demo_count``: how many shapes of a colour are in an image; the thinking counts one by one.
+* ``demo_color``: the colour of the one shape in an image; a direct answer (thinking adds little).
+* ``demo_open``: short open answers about invented kingdoms (their capital, river, flag).
+
+Every item has a ``key`` that identifies its content (the numbers of a sum, the pixels of an
+image), so the held-out evaluation items can be kept out of every training shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+from PIL import Image, ImageDraw
+
+from lit_bluelm.tokenizer import IMAGE
+
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+CANVASES = ((112, 112), (224, 112), (112, 224), (224, 224))  # varied aspect ratios for AnyRes
+CELL = 56
+BACKGROUND = (245, 245, 245)
+EVAL_TASKS = ("demo_arith", "demo_count", "demo_color")
+METRICS = {"demo_arith": "numeric", "demo_count": "numeric", "demo_color": "choice", "demo_open": "exact"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One task item. ``prompt`` is the user's question without the image marker: an item with an
+    image is asked as ``<image>\\n{prompt}`` (:meth:`user_content`)."""
+
+    task: str
+    prompt: str
+    thinking: str
+    answer: str
+    key: str
+    image: Optional[Image.Image] = None
+
+    @property
+    def metric(self) -> str:
+        return METRICS[self.task]
+
+    def user_content(self) -> str:
+        return f"{IMAGE}\n{self.prompt}" if self.image is not None else self.prompt
+
+
+def image_key(image: Image.Image) -> str:
+    """The identity of an image: a digest of its pixels (not of an encoding of them)."""
+    rgb = image.convert("RGB")
+    return "image:" + hashlib.sha1(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()
+
+
+def sum_key(numbers: List[int]) -> str:
+    return "sum:" + "+".join(map(str, numbers))
+
+
+# ----------------------------------------------------------------------------- scenes
+
+Obj = Tuple[str, str]  # (colour, shape)
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def scene(rng: random.Random, min_objects: int, max_objects: int) -> Tuple[Image.Image, List[Obj]]:
+    """A canvas with coloured shapes, one per 56px cell, listed left to right (column by column,
+    top to bottom within a column)."""
+    fits = [c for c in CANVASES if (c[0] // CELL) * (c[1] // CELL) >= min_objects]
+    width, height = rng.choice(fits)
+    cells = [(c, r) for r in range(height // CELL) for c in range(width // CELL)]
+    chosen = sorted(rng.sample(cells, rng.randint(min_objects, min(max_objects, len(cells)))))
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for col, row in chosen:
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        size = rng.randint(30, 46)
+        x = col * CELL + rng.randint(2, CELL - size - 2)
+        y = row * CELL + rng.randint(2, CELL - size - 2)
+        _draw(draw, shape, (x, y, x + size, y + size), COLORS[color])
+        objects.append((color, shape))
+    return image, objects
+
+
+def plural(word: str, n: int) -> str:
+    return word if n == 1 else word + "s"
+
+
+def join_words(items: List[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def describe(objects: List[Obj]) -> str:
+    return join_words([f"a {color} {shape}" for color, shape in objects])
+
+
+def count_steps(objects: List[Obj], color: str) -> Tuple[str, int]:
+    """Counting the shapes of ``color`` one at a time: the thinking and the count."""
+    steps, count = [], 0
+    for c, s in objects:
+        if c == color:
+            count += 1
+            steps.append(f"The {c} {s} is {color}: {count}.")
+        else:
+            steps.append(f"The {c} {s} is not {color}.")
+    return " ".join(steps + [f"That makes {count}."]), count
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+
+def arith_item(rng: random.Random) -> Item:
+    numbers = [
+        rng.randint(1, 9) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(rng.randint(3, 5))
+    ]
+    steps, total = [], numbers[0]
+    for x in numbers[1:]:
+        steps.append(f"{total} + {x} = {total + x}.")
+        total += x
+    prompt = f"What is {' + '.join(map(str, numbers))}?"
+    return Item("demo_arith", prompt, " ".join(steps), str(total), sum_key(numbers))
+
+
+def count_item(rng: random.Random) -> Item:
+    image, objects = scene(rng, 2, 6)
+    present = [c for c, _ in objects]
+    color = rng.choice(present) if rng.random() < 0.8 else rng.choice(list(COLORS))
+    thinking, count = count_steps(objects, color)
+    return Item(
+        "demo_count", f"How many {color} shapes are there?", thinking, str(count), image_key(image), image
+    )
+
+
+COLOR_QUESTION = f"What colour is the shape: {join_words(list(COLORS)).replace(' and ', ' or ')}?"
+
+
+def color_item(rng: random.Random) -> Item:
+    image, [(color, shape)] = scene(rng, 1, 1)
+    return Item(
+        "demo_color", COLOR_QUESTION, f"The shape is a {color} {shape}.", color, image_key(image), image
+    )
+
+
+_SYLLABLES = ("ka", "lo", "mi", "ra", "ten", "vor", "zu", "bel", "dra", "ni", "sol", "pur", "quen", "tha")
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def kingdoms(seed: int, n: int = 40) -> List[Dict[str, str]]:
+    """A fixed table of invented facts, the same in every shard (so it can be learned)."""
+    rng = random.Random(f"kingdoms/{seed}")
+    return [
+        {"kingdom": _name(rng), "capital": _name(rng), "river": _name(rng), "color": rng.choice(list(COLORS))}
+        for _ in range(n)
+    ]
+
+
+def open_item(rng: random.Random, table: List[Dict[str, str]]) -> Item:
+    k = rng.choice(table)
+    prompt, thinking, answer = rng.choice(
+        (
+            (
+                f"What is the capital of {k['kingdom']}?",
+                f"The capital of {k['kingdom']} is {k['capital']}.",
+                k["capital"],
+            ),
+            (
+                f"Which river flows through {k['kingdom']}?",
+                f"The river {k['river']} flows through {k['kingdom']}.",
+                k["river"],
+            ),
+            (
+                f"What colour is the flag of {k['kingdom']}?",
+                f"The flag of {k['kingdom']} is {k['color']}.",
+                k["color"],
+            ),
+        )
+    )
+    return Item("demo_open", prompt, thinking, answer, f"open:{prompt}")
+
+
+def task_makers(table: List[Dict[str, str]]) -> Dict[str, Callable[[random.Random], Item]]:
+    return {
+        "demo_arith": arith_item,
+        "demo_count": count_item,
+        "demo_color": color_item,
+        "demo_open": lambda rng: open_item(rng, table),
+    }
+
+
+def held_out_items(seed: int, n: int) -> Dict[str, List[Item]]:
+    """The fixed evaluation items: ``n`` distinct ones per task of :data:`EVAL_TASKS`."""
+    makers = task_makers(kingdoms(seed))
+    out: Dict[str, List[Item]] = {}
+    for task in EVAL_TASKS:
+        rng, items, keys = random.Random(f"{seed}/eval/{task}"), [], set()
+        while len(items) < n:
+            item = makers[task](rng)
+            if item.key not in keys:
+                keys.add(item.key)
+                items.append(item)
+        out[task] = items
+    return out
+
+
+def fresh(make: Callable[[random.Random], Item], rng: random.Random, held_out: FrozenSet[str]) -> Item:
+    """An item of ``make`` that is not a held-out one (drawn again until it is not)."""
+    while True:
+        item = make(rng)
+        if item.key not in held_out:
+            return item

@@ -1,0 +1,104 @@
+"""The demo data: held-out evaluation items (format, size, kept out of every shard by content),
+the tasks' worked thinking, and single-digit numbers in the demo tokenizer."""
+
+import io
+import json
+import random
+import tarfile
+
+import pytest
+from PIL import Image
+
+from datamodules.demo_tasks import (
+    EVAL_TASKS,
+    arith_item,
+    count_item,
+    fresh,
+    held_out_items,
+    image_key,
+)
+from lit_bluelm.tokenizer import load_tokenizer
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _eval_lines(demo_dir, task):
+    return [json.loads(line) for line in (demo_dir / "eval" / f"{task}.jsonl").read_text().splitlines()]
+
+
+def _shard_contents(demo_dir):
+    """Every text member (txt, json) and the pixel digest of every image in every shard."""
+    texts, images = [], set()
+    for shard in sorted(demo_dir.glob("*/*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                data = tar.extractfile(member).read()
+                if member.name.endswith(IMAGE_EXTS):
+                    images.add(image_key(Image.open(io.BytesIO(data))))
+                else:
+                    texts.append(data.decode("utf-8"))
+    return "\n".join(texts), images
+
+
+def test_held_out_sets_have_300_items_in_the_documented_format(demo_dir):
+    for task in EVAL_TASKS:
+        lines = _eval_lines(demo_dir, task)
+        assert len(lines) >= 300
+        for line in lines:
+            assert set(line) <= {"prompt", "answer", "image", "metric"}
+            assert line["metric"] in ("exact", "numeric", "choice")
+            assert isinstance(line["prompt"], str) and isinstance(line["answer"], str)
+            if "image" in line:  # relative to the file
+                Image.open(demo_dir / "eval" / line["image"]).verify()
+    assert all("image" not in line for line in _eval_lines(demo_dir, "demo_arith"))
+    assert all("image" in line for line in _eval_lines(demo_dir, "demo_count"))
+    arith = _eval_lines(demo_dir, "demo_arith")
+    assert len({line["prompt"] for line in arith}) == len(arith)  # distinct items
+    for line in arith:  # the answer is the sum the prompt asks for
+        numbers = [int(n) for n in line["prompt"].removeprefix("What is ").rstrip("?").split(" + ")]
+        assert 3 <= len(numbers) <= 5 and all(1 <= n <= 99 for n in numbers)
+        assert int(line["answer"]) == sum(numbers)
+
+
+def test_no_held_out_item_occurs_in_any_shard(demo_dir):
+    texts, images = _shard_contents(demo_dir)
+    assert "What is " in texts and len(images) > 100  # the scan saw the shards' content
+    for task in EVAL_TASKS:
+        for line in _eval_lines(demo_dir, task):
+            if "image" in line:  # an image item: its image is nowhere in training
+                assert image_key(Image.open(demo_dir / "eval" / line["image"])) not in images
+            else:  # a text item: its prompt text is nowhere in training
+                assert line["prompt"] not in texts, line["prompt"]
+
+
+def test_training_items_are_drawn_again_when_they_are_held_out():
+    first = arith_item(random.Random(1))
+    again = fresh(arith_item, random.Random(1), frozenset({first.key}))
+    assert again.key != first.key and again.prompt != first.prompt
+    image_item = count_item(random.Random(2))
+    assert fresh(count_item, random.Random(2), frozenset({image_item.key})).key != image_item.key
+    # the held-out sets are fixed by the seed
+    assert [i.prompt for i in held_out_items(0, 5)["demo_arith"]] == [
+        i.prompt for i in held_out_items(0, 5)["demo_arith"]
+    ]
+
+
+def test_the_worked_thinking_of_each_task():
+    item = arith_item(random.Random(3))
+    numbers = [int(n) for n in item.prompt.removeprefix("What is ").rstrip("?").split(" + ")]
+    steps = item.thinking.split(". ")
+    assert len(steps) == len(numbers) - 1  # one running total per added number
+    assert item.thinking.endswith(f"= {sum(numbers)}.") and item.answer == str(sum(numbers))
+    counted = count_item(random.Random(4))
+    assert counted.thinking.endswith(f"That makes {counted.answer}.")
+    assert counted.user_content().startswith("<image>\n")
+
+
+@pytest.mark.parametrize("text", ["123 + 45 = 168.", "What is 7 + 90?", "2026"])
+def test_the_demo_tokenizer_writes_numbers_one_digit_a_token(demo_dir, text):
+    tok = load_tokenizer(demo_dir / "tokenizer")
+    pieces = [tok.decode([i]) for i in tok(text)["input_ids"]]
+    assert "".join(pieces) == text
+    for piece in pieces:
+        digits = sum(ch.isdigit() for ch in piece)
+        assert digits <= 1 and (digits == 0 or piece.strip().isdigit()), pieces

@@ -1,0 +1,60 @@
+"""The demo pipeline (``python -m lit_bluelm.demo``): every stage chained on its predecessor's
+checkpoint, the closing comparison, and ``--from`` reusing the earlier runs."""
+
+import json
+
+import pytest
+
+from datamodules.demo import DemoSpec, write_demo
+from lit_bluelm import demo
+from lit_bluelm.errors import ConfigError
+
+# the stage yamls read 8 train and 4 val shards of each source
+TINY = DemoSpec(train_per_shard=6, val_per_shard=4, eval_items=4)
+SMOKE = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "data.batch_size=2",
+    "data.num_workers=0",
+]
+
+
+@pytest.mark.slow
+def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, capsys):
+    data = write_demo(tmp_path / "demo", TINY)
+    runs = tmp_path / "runs"
+    args = ["--runs", str(runs), f"data.demo_dir={data}", *SMOKE]
+    rc = demo.main(args)
+    summaries = {s.name: json.loads((runs / s.name / "summary.json").read_text()) for s in demo.STAGES}
+    distilled, scratch = (summaries[name]["val_loss_after"] for name in demo.BETTER)
+    assert rc == (0 if distilled < scratch else 1)
+    out = capsys.readouterr().out
+    for stage in demo.STAGES:
+        assert f"$ python train.py {' '.join(demo.stage_argv(stage, str(runs), args[2:]))}" in out
+        assert summaries[stage.name]["global_step"] == 2
+    assert summaries["sft"]["stage"] == "sft"
+    assert set(summaries["sft"]["val_loss_after_by_source"]) == {"sft_think", "sft_nothink"}
+    # each stage started from its predecessor's last checkpoint
+    sft_config = (runs / "sft" / "config.yaml").read_text()
+    assert f"init_from: {runs}/reasoning/checkpoints/last.ckpt" in sft_config
+
+    teacher_summary = (runs / "text_teacher" / "summary.json").stat().st_mtime_ns
+    sft_summary = (runs / "sft" / "summary.json").stat().st_mtime_ns
+    demo.main(["--runs", str(runs), "--from", str(runs / "sft"), *args[2:]])
+    assert (runs / "text_teacher" / "summary.json").stat().st_mtime_ns == teacher_summary
+    assert (runs / "sft" / "summary.json").stat().st_mtime_ns > sft_summary
+    out = capsys.readouterr().out
+    assert "$ python train.py stage=sft" in out and "stage=joint" not in out
+
+
+def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown run 'nope'; valid: text_teacher"):
+        demo.first_stage("nope", str(tmp_path))
+    with pytest.raises(ConfigError, match="reuses .*text_teacher, which has not finished"):
+        demo.first_stage("joint", str(tmp_path))
+    assert demo.first_stage("text_teacher", str(tmp_path)) == 0
+    assert demo.main(["--runs", str(tmp_path), "--from", "joint"]) == 2
+    assert "error: --from joint reuses" in capsys.readouterr().err
