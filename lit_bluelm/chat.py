@@ -40,6 +40,17 @@ def thinking_answer(thinking: str, answer: str) -> str:
     return f"{THINK_START}\n{thinking}\n{THINK_END}\n{answer}"
 
 
+def split_reply(text: str) -> Tuple[Optional[str], str]:
+    """A generated reply as (thinking, answer): the text inside the ``<think>`` ... ``</think>``
+    block the reply opens with, and the text after it, both stripped of surrounding newlines and
+    spaces; a block never closed has no answer. Without a block: (None, the whole reply)."""
+    if not text.startswith(THINK_START):
+        return None, text.strip()
+    body = text[len(THINK_START) :]
+    thinking, _, answer = body.partition(THINK_END)
+    return thinking.strip(), answer.strip()
+
+
 def cot_messages(question: str, thinking: str, answer: str) -> List[Message]:
     """A chain-of-thought sample (stage 3) as a two-turn conversation, reasoning written inline."""
     return [
