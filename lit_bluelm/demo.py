@@ -9,8 +9,8 @@ teacher and distilled, joint pre-training, the reasoning stage and SFT. It ends 
 ``lit_bluelm.summary`` and exits 1 unless the distilled student beats the one trained from
 scratch.
 
-``--from RUN`` (a stage name, or its run folder) reruns from that stage on and reuses the
-checkpoints of the runs before it, so a change to a late stage costs minutes, not the whole
+``--from RUN`` (a stage name, or its run folder) reruns from that stage on (each rerun stage's
+folder is emptied first) and reuses the checkpoints of the runs before it, so a change to a late stage costs minutes, not the whole
 pipeline. ``key=value`` arguments are added to every stage (``trainer.max_steps=2`` for a smoke
 run). One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
 """
@@ -18,6 +18,7 @@ run). One process keeps Python's start-up (about 12 seconds of imports) out of e
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for stage in STAGES[start:]:
             stage_args = stage_argv(stage, runs, args.overrides)
             print(f"\n$ python train.py {' '.join(stage_args)}", flush=True)
+            shutil.rmtree(Path(runs) / stage.name, ignore_errors=True)  # a rerun starts clean
             began = time.time()
             fit_stage(load_config(stage_args))  # what train.py runs
             print(f"{stage.name}: {time.time() - began:.0f}s", flush=True)

@@ -221,7 +221,7 @@ class Generator:
     """Decodes batches of prompts with ``model`` (a :class:`~lit_bluelm.models.BlueLM`)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: Optional[int] = None) -> None:
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         llm_cfg = model.llm.config
         self.max_length = max_length or int(getattr(llm_cfg, "max_position_embeddings", 1 << 30))
@@ -235,11 +235,21 @@ class Generator:
     def end_sequence(self, cfg: GenerationConfig) -> List[int]:
         return self.tokenizer(cfg.thinking_end_text + THINK_END + "\n", add_special_tokens=False)["input_ids"]
 
-    @torch.no_grad()
     def generate(
         self, prompts: Sequence[Prompt], cfg: GenerationConfig = GenerationConfig()
     ) -> List[Generation]:
+        """One :class:`Generation` per prompt, in order (the model runs in eval mode without
+        gradients; its training mode is restored afterwards)."""
         cfg.check()
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._generate(prompts, cfg)
+        finally:
+            self.model.train(training)
+
+    def _generate(self, prompts: Sequence[Prompt], cfg: GenerationConfig) -> List[Generation]:
         if not prompts:
             return []
         longest = max(len(p.input_ids) for p in prompts)

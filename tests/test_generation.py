@@ -271,7 +271,10 @@ def test_seeded_sampling_repeats_and_an_image_prompt_generates(tiny, demo_dir):
     ]
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     gen = Generator(model, tok)
+    model.train()  # a policy mid-training: generation runs in eval mode and gives it back
     first, again = gen.generate(prompts, cfg), gen.generate(prompts, cfg)
+    assert model.training
+    model.eval()
     assert [o.token_ids for o in first] == [o.token_ids for o in again]
     other = gen.generate(prompts, GenerationConfig(max_new_tokens=8, temperature=1.0, seed=4))
     assert [o.token_ids for o in other] != [o.token_ids for o in first]

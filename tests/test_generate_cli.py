@@ -1,0 +1,95 @@
+"""``python -m lit_bluelm.generate``: a trained run's checkpoint, its tokenizer and chat template,
+the JSON line, and one-line errors (exit 2) for bad input."""
+
+import json
+
+import pytest
+
+from lit_bluelm import generate
+from lit_bluelm.config import load_config
+from lit_bluelm.trainer import fit_stage
+from tests.helpers import png_bytes, tiny_args
+
+
+@pytest.fixture(scope="module")
+def ckpt(demo_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gen") / "run"
+    cfg = load_config(tiny_args(demo_dir, run_dir, "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    return fit_stage(cfg)["last_ckpt"]
+
+
+def _json(capsys, argv):
+    assert generate.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_think_with_a_budget_prints_one_json_line(ckpt, capsys):
+    out = _json(
+        capsys,
+        [
+            f"ckpt={ckpt}",
+            "prompt=What is 12 + 7 + 30?",
+            "think=true",
+            "thinking_budget=3",
+            "json=true",
+            "max_new_tokens=24",
+        ],
+    )
+    keys = {
+        "text",
+        "thinking",
+        "answer",
+        "thinking_tokens",
+        "answer_tokens",
+        "budget_exhausted",
+        "finish_reason",
+    }
+    assert set(out) == keys
+    assert out["thinking_tokens"] <= 3 and out["finish_reason"] in ("stop", "length")
+    if out["text"].startswith("<think>"):  # an untrained model may or may not open the block
+        assert out["thinking"] is not None
+
+
+def test_plain_output_is_the_answer_and_an_image_prompt_runs(ckpt, capsys, tmp_path):
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes((112, 112), (220, 40, 40)))
+    argv = [
+        f"ckpt={ckpt}",
+        "prompt=What colour is the shape?",
+        f"image={image}",
+        "max_new_tokens=6",
+        "seed=1",
+    ]
+    assert generate.main(argv + ["json=true"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert generate.main(argv) == 0
+    assert capsys.readouterr().out == record["answer"] + "\n"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["ckpt=/no/such/ckpt"], "ckpt"),
+        (["thinking_budget=-1"], "thinking_budget must be >= 0"),
+        (["prompt=" + "word " * 3000], "exceeds the model's context"),
+        (["nope=1"], "nope"),
+        (["temperature=-1"], "temperature"),
+        (["context.rope={rope_type: yarn, factor: 4.0}"], "differs from the checkpoint's"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(ckpt, capsys, extra, message):
+    argv = [f"ckpt={ckpt}", "prompt=hi", *extra]
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_files_that_are_not_checkpoints_or_images_are_refused(ckpt, capsys, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert generate.main([f"ckpt={text}", "prompt=hi"]) == 2
+    assert "error: ckpt" in capsys.readouterr().err
+    assert generate.main([f"ckpt={ckpt}", "prompt=hi", f"image={text}"]) == 2
+    assert "error: image: cannot decode" in capsys.readouterr().err
