@@ -282,3 +282,27 @@ def test_seeded_sampling_repeats_and_an_image_prompt_generates(tiny, demo_dir):
     assert all(lp <= 0 for o in first for lp in o.logprobs)
     with pytest.raises(ConfigError, match="1 <image> markers but 2 images"):
         build_prompt(processor, "<image> one marker", [image, image])
+
+
+def test_the_direct_decode_step_matches_the_models_forward_token_for_token(tiny):
+    from PIL import Image
+
+    from lit_bluelm.generation import FastDecoder
+
+    model, tok, processor = tiny
+    assert FastDecoder.supports(model.llm.base_model)  # Qwen2: the direct path applies
+    image = Image.new("RGB", (112, 224), (40, 80, 220))
+    prompts = [
+        build_prompt(processor, "How many blue shapes are there?", [image], think=True),
+        build_prompt(processor, "What is 4 + 5 + 6?"),
+        build_prompt(processor, "hi"),
+    ]
+    for cfg in (
+        GenerationConfig(max_new_tokens=16, ignore_eos=True),
+        GenerationConfig(max_new_tokens=16, temperature=0.8, top_k=40, seed=5, thinking_budget=3),
+    ):
+        fast = Generator(model, tok).generate(prompts, cfg)
+        plain = Generator(model, tok, fast=False).generate(prompts, cfg)
+        assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
+        for a, b in zip(fast, plain, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
