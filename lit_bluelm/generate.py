@@ -63,12 +63,18 @@ class GenerateArgs:
         )
 
 
+# free text, taken as written (a prompt like "Colour: red?" is not YAML)
+TEXT_KEYS = ("ckpt", "prompt", "image", "system", "thinking_end_text", "device")
+
+
 def parse_args(argv: Sequence[str]) -> GenerateArgs:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise ConfigError(f"arguments are key=value, got '{bad[0]}'")
+    text = {k: v for k, _, v in (a.partition("=") for a in argv) if k in TEXT_KEYS}
+    rest = [a for a in argv if a.partition("=")[0] not in TEXT_KEYS]
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(GenerateArgs), OmegaConf.from_dotlist(list(argv)))
+        cfg = OmegaConf.merge(OmegaConf.structured(GenerateArgs), OmegaConf.from_dotlist(rest), text)
         args = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0]) from None

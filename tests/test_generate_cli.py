@@ -57,7 +57,7 @@ def test_plain_output_is_the_answer_and_an_image_prompt_runs(ckpt, capsys, tmp_p
     image.write_bytes(png_bytes((112, 112), (220, 40, 40)))
     argv = [
         f"ckpt={ckpt}",
-        "prompt=What colour is the shape?",
+        "prompt=Colour: [red, blue]? 12",  # prompts are free text, not YAML
         f"image={image}",
         "max_new_tokens=6",
         "seed=1",
