@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kd_memory.py
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/generation.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

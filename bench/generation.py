@@ -76,7 +76,7 @@ def train_tiny(steps: int, device: str):
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    print(f"trained the tiny LLM {steps} steps: loss {float(loss):.3f}", flush=True)
+    print(f"trained the tiny LLM {steps} steps: loss {loss.item():.3f}", flush=True)
     processor = BlueLMProcessor.from_config(data.tokenizer, cfg.model)
     return model.eval(), data.tokenizer, processor
 

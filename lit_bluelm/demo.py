@@ -10,8 +10,8 @@ teacher and distilled, joint pre-training, the reasoning stage and SFT. It ends 
 scratch.
 
 ``--from RUN`` (a stage name, or its run folder) reruns from that stage on (each rerun stage's
-folder is emptied first) and reuses the checkpoints of the runs before it, so a change to a late stage costs minutes, not the whole
-pipeline. ``key=value`` arguments are added to every stage (``trainer.max_steps=2`` for a smoke
+folder is emptied first) and reuses the checkpoints of the runs before it, so a change to a late
+stage costs minutes, not the whole pipeline. ``key=value`` arguments are added to every stage (``trainer.max_steps=2`` for a smoke
 run). One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
 """
 
