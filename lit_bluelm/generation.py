@@ -214,11 +214,11 @@ class FastDecoder:
         layers = getattr(base, "layers", None)
         if cfg is None or not layers or not hasattr(base, "rotary_emb") or not hasattr(base, "norm"):
             return False
-        if (
-            getattr(cfg, "use_sliding_window", False)
-            or getattr(cfg, "sliding_window", None)
-            and any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ())
-        ):
+        # a sliding window is applied unless the config switches it off (Qwen2's flag; Mistral
+        # has none): this path attends to every cached token
+        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+            return False
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
             return False
         for layer in layers:
             attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)

@@ -306,3 +306,34 @@ def test_the_direct_decode_step_matches_the_models_forward_token_for_token(tiny)
         assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
         for a, b in zip(fast, plain, strict=True):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_the_direct_decode_step_applies_only_where_it_is_exact():
+    from transformers import (
+        LlamaConfig,
+        LlamaModel,
+        MistralConfig,
+        MistralModel,
+        Qwen2Config,
+        Qwen2Model,
+        Qwen3Config,
+        Qwen3Model,
+    )
+
+    from lit_bluelm.generation import FastDecoder
+
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    assert FastDecoder.supports(Qwen2Model(Qwen2Config(**kw)))
+    assert FastDecoder.supports(LlamaModel(LlamaConfig(**kw)))
+    assert FastDecoder.supports(MistralModel(MistralConfig(sliding_window=None, **kw)))
+    # a sliding window, or q/k norms (Qwen3), are not modelled: the model's forward runs instead
+    assert not FastDecoder.supports(Qwen2Model(Qwen2Config(use_sliding_window=True, sliding_window=16, **kw)))
+    assert not FastDecoder.supports(MistralModel(MistralConfig(sliding_window=16, **kw)))
+    assert not FastDecoder.supports(Qwen3Model(Qwen3Config(**kw)))
