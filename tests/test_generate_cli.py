@@ -93,3 +93,55 @@ def test_files_that_are_not_checkpoints_or_images_are_refused(ckpt, capsys, tmp_
     assert "error: ckpt" in capsys.readouterr().err
     assert generate.main([f"ckpt={ckpt}", "prompt=hi", f"image={text}"]) == 2
     assert "error: image: cannot decode" in capsys.readouterr().err
+
+
+def test_evaluate_writes_results_and_the_plot_and_prints_the_table(ckpt, capsys, tmp_path):
+    from lit_bluelm import evaluate
+
+    (tmp_path / "a.png").write_bytes(png_bytes((112, 112), (40, 80, 220)))
+    mine = tmp_path / "mine.jsonl"
+    lines = [
+        {"prompt": "What is 1 + 2 + 3?", "answer": "6", "metric": "numeric"},
+        {"prompt": "What colour is the shape?", "answer": "blue", "metric": "choice", "image": "a.png"},
+        {"prompt": "Capital?", "answer": "Raten", "metric": "exact"},
+    ]
+    mine.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "eval"
+    argv = [
+        f"ckpt={ckpt}",
+        f"tasks=[{mine}]",
+        "budgets=[0,4]",
+        f"out={out}",
+        "max_new_tokens=12",
+        "batch_size=2",
+    ]
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mine" in printed and "results=" in printed
+    record = json.loads((out / "results.json").read_text())
+    assert [(r["mode"], r["budget"]) for r in record["results"]] == [
+        ("think", 0),
+        ("think", 4),
+        ("no_think", None),
+    ]
+    assert all(r["n"] == 3 and 0 <= r["accuracy"] <= 1 for r in record["results"])
+    assert record["results"][0]["within_budget"] == 1.0 and record["results"][0]["mean_thinking_tokens"] == 0
+    assert (out / "accuracy_vs_budget.png").is_file()
+    assert record["ckpt"] == str(ckpt) and record["settings"]["budgets"] == [0, 4]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["tasks=[nope.jsonl]"], "no such file"),
+        (["budgets=[-1]"], "budgets must be >= 0"),
+        (["modes=[maybe]"], "unknown 'maybe'"),
+        (["samples=2"], "needs temperature > 0"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line_and_exit_2(ckpt, capsys, tmp_path, extra, message):
+    from lit_bluelm import evaluate
+
+    assert evaluate.main([f"ckpt={ckpt}", f"out={tmp_path}", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

@@ -1,0 +1,142 @@
+"""Evaluate a trained run: thinking vs non-thinking across thinking budgets.
+
+    python -m lit_bluelm.evaluate ckpt=<ckpt> tasks=[demo_arith,demo_count,path/to/mine.jsonl]
+        modes=[think,no_think] budgets=[0,8,32,128] out=<dir> [samples=1] [temperature=0]
+        [seed=0] [batch_size=64] [max_new_tokens=256] [max_answer_tokens=16] [device=cpu]
+        [demo_dir=data/demo]
+
+Runs the generation engine over every item of every task, once per (mode, budget) (think mode:
+each budget, ``null`` for no limit; no-think: one row), with a progress bar; prints a table and
+writes ``<out>/results.json`` (``{"ckpt", "settings", "results": [rows]}``, a row per (task,
+mode, budget) with ``accuracy`` and ``stderr`` as fractions, ``n``, ``mean_thinking_tokens``,
+``think_open_rate``, ``within_budget``) and ``<out>/accuracy_vs_budget.png``. Greedy by default;
+``samples=k`` with a temperature averages sampled pass@1 over k seeds. Bad input is one line and
+exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lit_bluelm.errors import ConfigError
+from lit_bluelm.evaluation import DEMO_TASKS, MODES
+
+TEXT_KEYS = ("ckpt", "out", "device", "demo_dir")
+
+
+@dataclass
+class EvaluateArgs:
+    ckpt: Optional[str] = None
+    tasks: List[str] = field(default_factory=lambda: list(DEMO_TASKS))
+    modes: List[str] = field(default_factory=lambda: list(MODES))
+    budgets: List[Optional[int]] = field(default_factory=lambda: [0, 8, 32, 128])
+    out: Optional[str] = None
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+    max_new_tokens: int = 256
+    max_answer_tokens: Optional[int] = 16
+    device: str = "cpu"
+    demo_dir: str = "data/demo"
+
+
+def parse_args(argv: Sequence[str]) -> EvaluateArgs:
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"arguments are key=value, got '{bad[0]}'")
+    text = {k: v for k, _, v in (a.partition("=") for a in argv) if k in TEXT_KEYS}
+    rest = [a for a in argv if a.partition("=")[0] not in TEXT_KEYS]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(EvaluateArgs), OmegaConf.from_dotlist(rest), text)
+        args = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    if not args.ckpt or not args.out:
+        raise ConfigError("ckpt=<checkpoint> and out=<dir> are required")
+    if args.samples < 1 or args.batch_size < 1:
+        raise ConfigError("samples and batch_size must be >= 1")
+    if args.samples > 1 and args.temperature == 0:
+        raise ConfigError("samples > 1 needs temperature > 0 (greedy repeats itself)")
+    if any(b is not None and b < 0 for b in args.budgets):
+        raise ConfigError(f"budgets must be >= 0 (or null for no limit), got {args.budgets}")
+    if not args.tasks:
+        raise ConfigError("tasks: give at least one task")
+    return args
+
+
+def run(args: EvaluateArgs):
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from lit_bluelm.checkpoint import load_run
+    from lit_bluelm.evaluation import evaluate_task, load_task, plot, settings_grid, table, write_results
+    from lit_bluelm.generation import GenerationConfig, Generator
+    from lit_bluelm.processor import BlueLMProcessor
+
+    tasks = [load_task(t, args.demo_dir) for t in args.tasks]
+    grid = settings_grid(args.modes, args.budgets)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_answer_tokens=args.max_answer_tokens,
+    )
+    gen_cfg.check()
+    loaded = load_run(args.ckpt, key="ckpt")
+    cfg = loaded.config
+    if cfg.model.text_only and any(it.image is not None for t in tasks for it in t.items):
+        raise ConfigError(f"tasks: '{args.ckpt}' is a text-only model but a task has images")
+    processor = BlueLMProcessor.from_config(loaded.tokenizer, cfg.model, cfg.sft.think_token_position)
+    generator = Generator(loaded.model.to(args.device), loaded.tokenizer)
+    total = sum(len(t.items) for t in tasks) * len(grid) * args.samples
+    rows = []
+    with tqdm(total=total, desc="evaluate", unit="reply") as bar:
+        for task in tasks:
+            for mode, budget in grid:
+                bar.set_postfix_str(f"{task.name} {mode} {budget}")
+                rows.append(
+                    evaluate_task(
+                        generator,
+                        processor,
+                        task,
+                        mode,
+                        budget,
+                        gen_cfg,
+                        args.samples,
+                        args.batch_size,
+                        bar.update,
+                    )
+                )
+    settings = {k: v for k, v in asdict(args).items() if k not in ("ckpt", "out")}
+    results = write_results(args.out, str(args.ckpt), settings, rows)
+    plot(rows, Path(args.out) / "accuracy_vs_budget.png")
+    print(table(rows))
+    print(f"results={results}")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    try:
+        run(parse_args(argv))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
