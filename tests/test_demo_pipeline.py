@@ -8,6 +8,7 @@ import pytest
 from datamodules.demo import DemoSpec, write_demo
 from lit_bluelm import demo
 from lit_bluelm.errors import ConfigError
+from lit_bluelm.evaluation import Row
 
 # the stage yamls read 8 train and 4 val shards of each source
 TINY = DemoSpec(train_per_shard=6, val_per_shard=4, eval_items=4)
@@ -30,7 +31,12 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     rc = demo.main(args)
     summaries = {s.name: json.loads((runs / s.name / "summary.json").read_text()) for s in demo.STAGES}
     distilled, scratch = (summaries[name]["val_loss_after"] for name in demo.BETTER)
-    assert rc == (0 if distilled < scratch else 1)
+    results = json.loads((runs / demo.EVAL / "results.json").read_text())["results"]
+    assert {r["task"] for r in results} == {"demo_arith", "demo_count", "demo_color"}
+    assert all(r["n"] == TINY.eval_items for r in results)
+    rows = [Row(**r) for r in results]
+    assert rc == (0 if distilled < scratch and not demo.eval_failures(rows) else 1)
+    assert (runs / demo.EVAL / "accuracy_vs_budget.png").is_file()
     out = capsys.readouterr().out
     for stage in demo.STAGES:
         assert f"$ python train.py {' '.join(demo.stage_argv(stage, str(runs), args[2:]))}" in out
@@ -58,3 +64,22 @@ def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
     assert demo.first_stage("text_teacher", str(tmp_path)) == 0
     assert demo.main(["--runs", str(tmp_path), "--from", "joint"]) == 2
     assert "error: --from joint reuses" in capsys.readouterr().err
+
+
+def test_the_demo_evaluation_targets_on_hand_made_rows():
+    def row(mode, budget, acc, opened, within=1.0):
+        return Row("demo_arith", mode, budget, acc, 0.02, 300, 10.0, opened, within)
+
+    good = [row("think", 0, 0.05, 1.0), row("think", 128, 0.40, 0.97), row("no_think", None, 0.10, 0.0)]
+    assert demo.eval_failures(good) == []
+    gains = {name: (round(gain, 3), met) for name, gain, _, met in demo.accuracy_targets(good)}
+    assert gains == {
+        "demo_arith think@128 over no_think": (0.3, True),
+        "demo_arith think@128 over think budget 0": (0.35, True),
+    }
+    bad = [
+        row("think", 8, 0.1, 0.9),
+        row("no_think", None, 0.1, 0.2),
+        row("think", 32, 0.1, 1.0, within=0.99),
+    ]
+    assert len(demo.eval_failures(bad)) == 3
