@@ -50,7 +50,11 @@ def load_task(spec: str, demo_dir: str | Path = "data/demo") -> Task:
     the file and the line."""
     path = Path(demo_dir) / "eval" / f"{spec}.jsonl" if spec in DEMO_TASKS else Path(spec)
     if not path.is_file():
-        hint = f"; valid names: {', '.join(DEMO_TASKS)} or a .jsonl path" if spec not in DEMO_TASKS else ""
+        hint = (
+            "; write the demo data with python -m datamodules.demo"
+            if spec in DEMO_TASKS
+            else f"; valid names: {', '.join(DEMO_TASKS)} or a .jsonl path"
+        )
         raise ConfigError(f"tasks: '{spec}': no such file {path}{hint}")
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

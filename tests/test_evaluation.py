@@ -114,3 +114,30 @@ def test_rows_the_json_schema_and_the_plot(tmp_path):
     assert all(set(r) == keys for r in record["results"]) and record["results"][1]["budget"] is None
     png = plot(rows, tmp_path / "accuracy_vs_budget.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_math_verify_gets_its_timeouts_in_the_main_thread_only(monkeypatch):
+    import math_verify
+
+    seen = []
+    monkeypatch.setattr(
+        math_verify, "parse", lambda text, parsing_timeout: seen.append(("parse", parsing_timeout)) or text
+    )
+    monkeypatch.setattr(
+        math_verify,
+        "verify",
+        lambda gold, answer, timeout_seconds: seen.append(("verify", timeout_seconds)) or True,
+    )
+    assert score("math", "1", "1")
+    assert seen == [("parse", 5), ("parse", 5), ("verify", 5)]
+    seen.clear()
+    worker = threading.Thread(target=lambda: score("math", "1", "1"))
+    worker.start()
+    worker.join()
+    assert seen == [("parse", None), ("parse", None), ("verify", None)]
+
+    def slow(*args, **kwargs):
+        raise TimeoutError("math-verify timed out")
+
+    monkeypatch.setattr(math_verify, "verify", slow)
+    assert score("math", "1", "1") is False  # a timeout counts as wrong, it does not stop the run
