@@ -78,11 +78,20 @@ def run(args: EvaluateArgs):
     from tqdm import tqdm
 
     from lit_bluelm.checkpoint import load_run
-    from lit_bluelm.evaluation import evaluate_task, load_task, plot, settings_grid, table, write_results
+    from lit_bluelm.evaluation import (
+        evaluate_task,
+        load_images,
+        load_task,
+        plot,
+        settings_grid,
+        table,
+        write_results,
+    )
     from lit_bluelm.generation import GenerationConfig, Generator
     from lit_bluelm.processor import BlueLMProcessor
 
     tasks = [load_task(t, args.demo_dir) for t in args.tasks]
+    images = {task.name: load_images(task) for task in tasks}  # decoded once, before any work
     grid = settings_grid(args.modes, args.budgets)
     gen_cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -115,6 +124,7 @@ def run(args: EvaluateArgs):
                         args.samples,
                         args.batch_size,
                         bar.update,
+                        images[task.name],
                     )
                 )
     settings = {k: v for k, v in asdict(args).items() if k not in ("ckpt", "out")}

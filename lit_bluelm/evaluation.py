@@ -185,14 +185,19 @@ def evaluate_task(
     samples: int = 1,
     batch_size: int = 64,
     progress: Optional[Callable[[int], None]] = None,
+    images: Optional[List[list]] = None,
 ) -> Row:
     """One row: every item of ``task`` (``samples`` times, seeds ``cfg.seed + k``), generated in
-    batches of ``batch_size``."""
+    batches of ``batch_size``; ``images`` are the items' decoded images (:func:`load_images`)."""
     from dataclasses import replace
 
     from lit_bluelm.generation import build_prompt
 
-    prompts = [build_prompt(processor, it.prompt, _images(it), think=mode == "think") for it in task.items]
+    images = images if images is not None else load_images(task)
+    prompts = [
+        build_prompt(processor, it.prompt, imgs, think=mode == "think")
+        for it, imgs in zip(task.items, images, strict=True)
+    ]
     outcomes: List[dict] = []
     for k in range(samples):
         run_cfg = replace(cfg, thinking_budget=budget, seed=cfg.seed + k)
@@ -211,14 +216,22 @@ def evaluate_task(
     return summarize(task.name, mode, budget, outcomes)
 
 
-def _images(item: EvalItem) -> list:
-    if item.image is None:
-        return []
-    from PIL import Image
+def load_images(task: Task) -> List[list]:
+    """Each item's images, decoded (an image that cannot be is one error naming it)."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(item.image) as img:
-        img.load()
-        return [img.convert("RGB")]
+    out = []
+    for item in task.items:
+        if item.image is None:
+            out.append([])
+            continue
+        try:
+            with Image.open(item.image) as img:
+                img.load()
+                out.append([img.convert("RGB")])
+        except (OSError, UnidentifiedImageError) as err:
+            raise ConfigError(f"image {item.image}: cannot decode ({err})") from None
+    return out
 
 
 def write_results(out_dir: str | Path, ckpt: str, settings: Dict, rows: Iterable[Row]) -> Path:

@@ -137,10 +137,17 @@ def test_evaluate_writes_results_and_the_plot_and_prints_the_table(ckpt, capsys,
         (["budgets=[-1]"], "budgets must be >= 0"),
         (["modes=[maybe]"], "unknown 'maybe'"),
         (["samples=2"], "needs temperature > 0"),
+        (["tasks=[{tmp}/broken.jsonl]"], "cannot decode"),
     ],
 )
 def test_evaluate_bad_input_is_one_line_and_exit_2(ckpt, capsys, tmp_path, extra, message):
     from lit_bluelm import evaluate
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "broken.jsonl").write_text(
+        json.dumps({"prompt": "p", "answer": "a", "image": "broken.png"}) + "\n"
+    )
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
 
     assert evaluate.main([f"ckpt={ckpt}", f"out={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err.strip()
