@@ -2,8 +2,8 @@
 
     python -m lit_bluelm.demo [--runs runs/demo] [--from RUN] [key=value ...]
 
-Runs each stage of :data:`STAGES` as ``train.py`` would with
-the arguments it prints (``$ python train.py ...``), into ``<runs>/<name>``: a larger stage-1
+Runs each stage of :data:`STAGES` as ``train.py`` would with the arguments it prints
+(``$ python train.py ...``), into ``<runs>/<name>``: a larger stage-1
 teacher, the tiny student trained from scratch (the baseline), the student pruned out of the
 teacher and distilled, joint pre-training, the reasoning stage and SFT; then it evaluates the SFT
 checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128) and prints the
@@ -14,8 +14,10 @@ its budget).
 
 ``--from RUN`` (a stage name, or its run folder) reruns from that stage on (each rerun stage's
 folder is emptied first) and reuses the checkpoints of the runs before it, so a change to a late
-stage costs minutes, not the whole pipeline. ``key=value`` arguments are added to every stage (``trainer.max_steps=2`` for a smoke
-run). One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
+stage costs minutes, not the whole pipeline (``--from eval_sft`` reruns only the evaluation).
+``key=value`` arguments are added to every stage (``trainer.max_steps=2`` for a smoke run;
+``data.demo_dir=`` also moves the evaluation's tasks). One process keeps Python's start-up (about
+12 seconds of imports) out of every stage.
 """
 
 from __future__ import annotations
