@@ -40,7 +40,7 @@ def test_checkpoints_load_weights_only_with_every_component(fitted):
     assert prefixes == {"vision", "adapter", "llm"}
     assert isinstance(ckpt["hyper_parameters"]["cfg"], dict)
     assert summary["best_ckpt"] and any((run_dir / "checkpoints").glob("best-step=2*"))
-    assert "data_skipped" in ckpt
+    assert "data_skipped" in ckpt and ckpt["data_too_long"] == 0
 
 
 def test_resume_continues_step_optimizer_and_schedule(fitted, tmp_path, demo_dir):
@@ -183,7 +183,8 @@ def test_a_batch_counts_only_once_its_optimizer_update_is_applied(demo_dir, tmp_
 def test_the_skipped_sample_total_survives_resume(fitted, tmp_path, demo_dir):
     run_dir, _ = fitted
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    ckpt["data_skipped"] = 7  # as if the first part of the run had skipped 7 bad samples
+    ckpt["data_skipped"] = 7  # as if the first part of the run had skipped 7 bad samples ...
+    ckpt["data_too_long"] = 2  # ... 2 of them too long
     path = tmp_path / "with_skips.ckpt"
     torch.save(ckpt, path)
     args = [
@@ -192,5 +193,9 @@ def test_the_skipped_sample_total_survives_resume(fitted, tmp_path, demo_dir):
         "trainer.val_check_interval=50",
     ]
     summary = train.run(load_config(tiny_args(demo_dir, tmp_path / "resumed", *args)))
-    assert [v for _, v in scalars(tmp_path / "resumed")["data/skipped"]] == [7.0]
-    assert torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")["data_skipped"] == 7
+    logged = scalars(tmp_path / "resumed")
+    assert [v for _, v in logged["data/skipped"]] == [7.0] and [v for _, v in logged["data/too_long"]] == [
+        2.0
+    ]
+    last = torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")
+    assert last["data_skipped"] == 7 and last["data_too_long"] == 2
