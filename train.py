@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from lit_bluelm.config import ConfigError, available, load_config
+from lit_bluelm.config import available, load_config
 
 
 def usage() -> str:
@@ -31,11 +31,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(usage())
-        return 0
-    try:
+    from lit_bluelm.cli import run_main
+
+    def body(argv: list) -> None:
         cfg = load_config(argv)
         if cfg.dry_run:
             from lit_bluelm.trainer import dry_run
@@ -43,10 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dry_run(cfg)
         else:
             run(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_main(body, usage, argv)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from lit_bluelm.cli import parse_key_values, run_main
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.evaluation import DEMO_TASKS, MODES
 
@@ -48,16 +46,7 @@ class EvaluateArgs:
 
 
 def parse_args(argv: Sequence[str]) -> EvaluateArgs:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ConfigError(f"arguments are key=value, got '{bad[0]}'")
-    text = {k: v for k, _, v in (a.partition("=") for a in argv) if k in TEXT_KEYS}
-    rest = [a for a in argv if a.partition("=")[0] not in TEXT_KEYS]
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EvaluateArgs), OmegaConf.from_dotlist(rest), text)
-        args = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+    args = parse_key_values(EvaluateArgs, argv, TEXT_KEYS)
     if not args.ckpt or not args.out:
         raise ConfigError("ckpt=<checkpoint> and out=<dir> are required")
     if args.samples < 1 or args.batch_size < 1:
@@ -79,6 +68,7 @@ def run(args: EvaluateArgs):
 
     from lit_bluelm.checkpoint import load_run
     from lit_bluelm.evaluation import (
+        build_prompts,
         evaluate_task,
         load_images,
         load_task,
@@ -111,6 +101,9 @@ def run(args: EvaluateArgs):
     rows = []
     with tqdm(total=total, desc="evaluate", unit="reply") as bar:
         for task in tasks:
+            prompts = {
+                mode: build_prompts(processor, task, mode == "think", images[task.name]) for mode, _ in grid
+            }
             for mode, budget in grid:
                 bar.set_postfix_str(f"{task.name} {mode} {budget}")
                 rows.append(
@@ -124,7 +117,7 @@ def run(args: EvaluateArgs):
                         args.samples,
                         args.batch_size,
                         bar.update,
-                        images[task.name],
+                        prompts[mode],
                     )
                 )
     settings = {k: v for k, v in asdict(args).items() if k not in ("ckpt", "out")}
@@ -136,16 +129,7 @@ def run(args: EvaluateArgs):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    try:
-        run(parse_args(argv))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda argv: run(parse_args(argv)), lambda: __doc__.strip(), argv)
 
 
 if __name__ == "__main__":

@@ -185,19 +185,14 @@ def evaluate_task(
     samples: int = 1,
     batch_size: int = 64,
     progress: Optional[Callable[[int], None]] = None,
-    images: Optional[List[list]] = None,
+    prompts: Optional[list] = None,
 ) -> Row:
     """One row: every item of ``task`` (``samples`` times, seeds ``cfg.seed + k``), generated in
-    batches of ``batch_size``; ``images`` are the items' decoded images (:func:`load_images`)."""
+    batches of ``batch_size``; ``prompts`` from :func:`build_prompts` (built here when not given;
+    the same for every budget of a mode)."""
     from dataclasses import replace
 
-    from lit_bluelm.generation import build_prompt
-
-    images = images if images is not None else load_images(task)
-    prompts = [
-        build_prompt(processor, it.prompt, imgs, think=mode == "think")
-        for it, imgs in zip(task.items, images, strict=True)
-    ]
+    prompts = prompts if prompts is not None else build_prompts(processor, task, mode == "think")
     outcomes: List[dict] = []
     for k in range(samples):
         run_cfg = replace(cfg, thinking_budget=budget, seed=cfg.seed + k)
@@ -218,20 +213,21 @@ def evaluate_task(
 
 def load_images(task: Task) -> List[list]:
     """Each item's images, decoded (an image that cannot be is one error naming it)."""
-    from PIL import Image, UnidentifiedImageError
+    from lit_bluelm.processor import load_image
 
-    out = []
-    for item in task.items:
-        if item.image is None:
-            out.append([])
-            continue
-        try:
-            with Image.open(item.image) as img:
-                img.load()
-                out.append([img.convert("RGB")])
-        except (OSError, UnidentifiedImageError) as err:
-            raise ConfigError(f"image {item.image}: cannot decode ({err})") from None
-    return out
+    return [[load_image(item.image)] if item.image is not None else [] for item in task.items]
+
+
+def build_prompts(processor, task: Task, think: bool, images: Optional[List[list]] = None) -> list:
+    """The engine's prompts for every item of ``task`` in one mode (``images`` from
+    :func:`load_images`, decoded here when not given)."""
+    from lit_bluelm.generation import build_prompt
+
+    images = images if images is not None else load_images(task)
+    return [
+        build_prompt(processor, it.prompt, imgs, think=think)
+        for it, imgs in zip(task.items, images, strict=True)
+    ]
 
 
 def write_results(out_dir: str | Path, ckpt: str, settings: Dict, rows: Iterable[Row]) -> Path:

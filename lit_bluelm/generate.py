@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from lit_bluelm.cli import parse_key_values, run_main
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.generation import DEFAULT_THINKING_END, GenerationConfig
 
@@ -68,33 +68,13 @@ TEXT_KEYS = ("ckpt", "prompt", "image", "system", "thinking_end_text", "device")
 
 
 def parse_args(argv: Sequence[str]) -> GenerateArgs:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ConfigError(f"arguments are key=value, got '{bad[0]}'")
-    text = {k: v for k, _, v in (a.partition("=") for a in argv) if k in TEXT_KEYS}
-    rest = [a for a in argv if a.partition("=")[0] not in TEXT_KEYS]
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(GenerateArgs), OmegaConf.from_dotlist(rest), text)
-        args = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+    args = parse_key_values(GenerateArgs, argv, TEXT_KEYS)
     if not args.ckpt:
         raise ConfigError("ckpt=<checkpoint> is required")
     if args.prompt is None:
         raise ConfigError('prompt="..." is required')
     args.generation().check()
     return args
-
-
-def load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ConfigError(f"image: cannot decode '{path}': {err}") from None
 
 
 def check_context(requested: Any, saved: Any) -> None:
@@ -112,9 +92,9 @@ def check_context(requested: Any, saved: Any) -> None:
 def run(args: GenerateArgs) -> dict:
     from lit_bluelm.checkpoint import load_run
     from lit_bluelm.generation import Generator, build_prompt
-    from lit_bluelm.processor import BlueLMProcessor
+    from lit_bluelm.processor import BlueLMProcessor, load_image
 
-    image = load_image(args.image) if args.image else None
+    image = load_image(args.image) if args.image else None  # before the checkpoint: fail fast
     loaded = load_run(args.ckpt, key="ckpt")
     check_context(args.context, loaded.config.context)
     cfg = loaded.config
@@ -138,18 +118,12 @@ def run(args: GenerateArgs) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__.strip())
-        return 0
-    try:
+    def body(argv: list) -> None:
         args = parse_args(argv)
         result = run(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else result["answer"], flush=True)
-    return 0
+        print(json.dumps(result) if args.json else result["answer"], flush=True)
+
+    return run_main(body, lambda: __doc__.strip(), argv)
 
 
 if __name__ == "__main__":

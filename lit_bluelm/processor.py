@@ -4,6 +4,7 @@ token count, and the AnyRes tiles of every image (in marker order)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -101,3 +102,17 @@ class BlueLMProcessor:
             expanded.extend([token] * n)
             flags.extend([trained[i] if trained is not None else False] * n)
         return Encoded(expanded, torch.cat(tiles, dim=0), flags if trained is not None else None)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as RGB; one that cannot be read or decoded is a ConfigError naming it."""
+    from PIL import UnidentifiedImageError
+
+    from lit_bluelm.errors import ConfigError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ConfigError(f"image: cannot decode '{path}': {err}") from None

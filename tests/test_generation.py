@@ -287,7 +287,7 @@ def test_seeded_sampling_repeats_and_an_image_prompt_generates(tiny, demo_dir):
 def test_the_direct_decode_step_matches_the_models_forward_token_for_token(tiny):
     from PIL import Image
 
-    from lit_bluelm.generation import FastDecoder
+    from lit_bluelm.fast_decode import FastDecoder
 
     model, tok, processor = tiny
     assert FastDecoder.supports(model.llm.base_model)  # Qwen2: the direct path applies
@@ -320,7 +320,7 @@ def test_the_direct_decode_step_applies_only_where_it_is_exact():
         Qwen3Model,
     )
 
-    from lit_bluelm.generation import FastDecoder
+    from lit_bluelm.fast_decode import FastDecoder
 
     kw = dict(
         vocab_size=64,
