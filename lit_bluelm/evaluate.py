@@ -80,8 +80,6 @@ def run(args: EvaluateArgs):
     from lit_bluelm.generation import GenerationConfig, Generator
     from lit_bluelm.processor import BlueLMProcessor
 
-    tasks = [load_task(t, args.demo_dir) for t in args.tasks]
-    images = {task.name: load_images(task) for task in tasks}  # decoded once, before any work
     grid = settings_grid(args.modes, args.budgets)
     gen_cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -90,7 +88,9 @@ def run(args: EvaluateArgs):
         seed=args.seed,
         max_answer_tokens=args.max_answer_tokens,
     )
-    gen_cfg.check()
+    gen_cfg.check()  # settings are checked before any task is read
+    tasks = [load_task(t, args.demo_dir) for t in args.tasks]
+    images = {task.name: load_images(task) for task in tasks}  # decoded once, before any work
     loaded = load_run(args.ckpt, key="ckpt")
     cfg = loaded.config
     if cfg.model.text_only and any(it.image is not None for t in tasks for it in t.items):
