@@ -57,9 +57,9 @@ from lit_bluelm.tokenizer import train_tokenizer
 MARKER = ".complete"
 # bumped when the content changes (2: chain-of-thought shards, 3: the tokenizer's chat template,
 # 4: single-digit numbers, SFT conversations, held-out evaluation items); older sets are rewritten
-VERSION = 4
+VERSION = 5
 # the tasks of an SFT conversation, with their shares
-SFT_TASKS = {"demo_arith": 0.35, "demo_count": 0.25, "demo_color": 0.15, "demo_open": 0.25}
+SFT_TASKS = {"demo_arith": 0.5, "demo_count": 0.2, "demo_color": 0.1, "demo_open": 0.2}
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -147,7 +147,7 @@ def counting_cot(rng: random.Random) -> Dict[str, str]:
 
 def cot_sample(rng: random.Random, held_out: FrozenSet[str]) -> Dict[str, str]:
     """A sum with a running total, or counting in a described scene."""
-    if rng.random() < 0.7:
+    if rng.random() < 0.85:
         item = fresh(arith_item, rng, held_out)
         return {
             "question": item.prompt,

@@ -2,8 +2,9 @@
 thinking and a short answer, written as pre-training text, chain-of-thought samples, SFT
 conversations and held-out evaluation items by :mod:`datamodules.demo`.
 
-* ``demo_arith``: the sum of 3-5 numbers of 1-2 digits; the thinking keeps a running total (easy
-  step by step, hard in one shot for a tiny model).
+* ``demo_arith``: the sum of 3-5 numbers of 1-2 digits; the thinking keeps a running total,
+  adding a two-digit number's tens and then its ones (easy step by step, hard in one shot for a
+  tiny model).
 * ``demo_count``: how many shapes of a colour are in an image; the thinking counts one by one.
 * ``demo_color``: the colour of the one shape in an image; a direct answer (thinking adds little).
 * ``demo_open``: short open answers about invented kingdoms (their capital, river, flag).
@@ -135,7 +136,11 @@ def arith_item(rng: random.Random) -> Item:
     ]
     steps, total = [], numbers[0]
     for x in numbers[1:]:
-        steps.append(f"{total} + {x} = {total + x}.")
+        tens = x // 10 * 10
+        if x >= 10 and x % 10:  # a two-digit number: its tens, then its ones
+            steps.append(f"{total} + {tens} = {total + tens}, {total + tens} + {x % 10} = {total + x}.")
+        else:
+            steps.append(f"{total} + {x} = {total + x}.")
         total += x
     prompt = f"What is {' + '.join(map(str, numbers))}?"
     return Item("demo_arith", prompt, " ".join(steps), str(total), sum_key(numbers))
