@@ -1,15 +1,21 @@
 """Crash-safe ``last.ckpt``: written every N optimizer steps and at the final step, plus
-``on_exception.ckpt`` when training is interrupted."""
+``on_exception.ckpt`` when training is stopped or fails."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lit_bluelm.checkpoint_io import recover_swap, remove_stale_temporaries, swap_in_folder
+from lit_bluelm.status import Diverged, Preempted
+
+log = logging.getLogger(__name__)
+ON_EXCEPTION = "on_exception.ckpt"
 
 
 class LastCheckpoint(Callback):
@@ -17,14 +23,20 @@ class LastCheckpoint(Callback):
     is reached.
 
     It saves inside the training loop (like ``ModelCheckpoint``), so a run resumed from it
-    continues its step counters exactly. The checkpoint is written under a temporary name and
-    then swapped in, so a crash while saving never leaves a broken ``last.ckpt`` behind; this
-    also holds for sharded (folder) checkpoints.
+    continues its step counters exactly. A file is written atomically by the run's checkpoint
+    IO (``lit_bluelm.checkpoint_io``: temporary file, fsync, one rename); a sharded folder is
+    written beside it and swapped in, and an interrupted swap is repaired at the next save or
+    resume. Either way a crash, a kill or a full disk while saving keeps the previous
+    ``last.ckpt``. TensorBoard is flushed at every save, so the curves reach the checkpoint.
 
-    When a single-process run fails or is interrupted (Ctrl-C) inside the training loop, the
-    state of the last finished step goes to ``on_exception.ckpt`` beside it, to resume from
-    explicitly with ``resume_from``; ``last.ckpt`` is left as it was. Multi-process runs rely on
-    ``last.ckpt`` alone: ranks fail at different points, and a collective save could hang.
+    ``on_exception.ckpt`` beside it holds the state of the last finished step when training is
+    stopped (SIGTERM/SIGINT, :class:`Preempted`: at a step boundary on every rank) or, in a
+    single-process run, fails; ``last.ckpt`` is left as it was. It is not written when
+    - the run diverged (its last update was skipped; ``last.ckpt`` is the checkpoint to keep),
+    - the failure happened inside ``optimizer.step`` (the weights may be half-updated),
+    - the failure was a checkpoint save itself (the emergency save would fail the same way and
+      hide the cause),
+    - ranks failed separately (multi-process): a collective save could hang.
     """
 
     def __init__(
@@ -41,6 +53,9 @@ class LastCheckpoint(Callback):
         self._saved_step = -1
         self.resave_after_validation = resave_after_validation
         self._in_loop = False
+        self._updating = False  # between the optimizer step's gradient checks and its end
+        self._saving = False
+        self.exception_path: Path | None = None  # on_exception.ckpt, once this run wrote it
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._in_loop = True
@@ -53,9 +68,15 @@ class LastCheckpoint(Callback):
     ) -> None:
         self._step_at_batch_start = trainer.global_step
 
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        self._updating = True  # from here to the end of the batch the weights may be mid-update
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._updating = False
         step = trainer.global_step
         if step == self._step_at_batch_start:  # no optimizer step (gradient accumulation)
             return
@@ -79,29 +100,55 @@ class LastCheckpoint(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if self._in_loop and trainer.world_size == 1:
-            self.save(trainer, self.path.with_name("on_exception.ckpt"))
+        if not self._in_loop or isinstance(exception, Diverged):
+            return
+        path = self.path.with_name(ON_EXCEPTION)
+        if self._saving:
+            log.error("no %s: the failure was a checkpoint save", ON_EXCEPTION)
+        elif self._updating and not isinstance(exception, Preempted):
+            log.error(
+                "no %s: the failure happened inside optimizer.step, so the weights may be "
+                "half-updated; resume from %s (step %s or earlier)",
+                ON_EXCEPTION,
+                self.path,
+                self._saved_step if self._saved_step >= 0 else "?",
+            )
+        elif isinstance(exception, Preempted) or trainer.world_size == 1:
+            try:
+                self.save(trainer, path)
+                self.exception_path = path
+            except Exception as err:  # the original failure is what the run reports
+                log.error("could not write %s: %s", path, err)
 
     def save(self, trainer: L.Trainer, path: Path | None = None) -> None:
         path = path or self.path
+        folders = getattr(trainer.strategy, "writes_folders", False)
         tmp = path.with_name(path.name + ".tmp")
-        old = path.with_name(path.name + ".old")
+        self._saving = True
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _remove(tmp)
-        trainer.strategy.barrier("last_checkpoint_prepare")
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank; ends with a barrier
-        if trainer.is_global_zero:
-            _remove(old)
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        trainer.strategy.barrier("last_checkpoint_swap")
+            remove_stale_temporaries(path.parent)  # left by a kill during an earlier save
+            recover_swap(path)
+        if folders:
+            trainer.strategy.barrier("last_checkpoint_prepare")
+            trainer.save_checkpoint(tmp, weights_only=False)  # every rank; ends with a barrier
+            if trainer.is_global_zero:
+                swap_in_folder(tmp, path)
+            trainer.strategy.barrier("last_checkpoint_swap")
+        else:
+            trainer.save_checkpoint(path, weights_only=False)  # atomic: AtomicCheckpointIO
+        self._saving = False
+        for logger in trainer.loggers:  # the curves up to the checkpoint are on disk with it
+            experiment = logger.experiment
+            if hasattr(experiment, "flush"):
+                experiment.flush()
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` by the stage's metric, except that a non-finite value
+    (a diverging run's NaN validation loss) never becomes "best"."""
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is not None and not torch.isfinite(torch.as_tensor(current)).all():
+            return False
+        return super().check_monitor_top_k(trainer, current)

@@ -34,6 +34,7 @@ from datamodules.kinds import Skips
 from datamodules.streams import MixedStream, MixtureWeights, build_sources, reader_shards
 from lit_bluelm.config import schedule_step
 from lit_bluelm.processor import BlueLMProcessor
+from lit_bluelm.status import ignore_stop_signals
 from lit_bluelm.tokenizer import load_tokenizer
 
 PREFETCH = 2  # DataLoader prefetch_factor: batches requested ahead per worker
@@ -134,6 +135,8 @@ class BlueLMDataModule(L.LightningDataModule):
             # worker seeds from the loader's own generator, not the global torch RNG, so creating
             # an iterator (each validation, or after a resume) never shifts training randomness
             generator=torch.Generator().manual_seed(data.seed),
+            # a signal to the whole process group is the main process's to handle
+            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -66,6 +66,36 @@ def read_meta(path: str | Path, key: str) -> Dict[str, Any]:
     return ckpt
 
 
+RESUMABLE = ("last.ckpt", "on_exception.ckpt")  # what resume_from=auto looks for, in this order
+
+
+def recover_checkpoint(path: str | Path) -> None:
+    """Repair an interrupted sharded-folder swap of ``path`` (``lit_bluelm.checkpoint_io``)."""
+    from lit_bluelm.checkpoint_io import recover_swap
+
+    recover_swap(path)
+
+
+def newest_resumable(folder: str | Path) -> Optional[Path]:
+    """The checkpoint ``resume_from=auto`` continues from: of ``last.ckpt`` and
+    ``on_exception.ckpt`` in ``folder``, the loadable one with the highest global step (``last``
+    on a tie); None when there is none (a fresh start). One that does not load is passed over
+    with a warning."""
+    found = []
+    for rank, name in enumerate(RESUMABLE):
+        path = Path(folder) / name
+        recover_checkpoint(path)
+        if not path.exists():
+            continue
+        try:
+            step = int(read_meta(path, "resume_from").get("global_step", -1))
+        except ConfigError as err:
+            warnings.warn(f"resume_from=auto: passing over {path}: {err}", stacklevel=2)
+            continue
+        found.append((step, -rank, path))
+    return max(found)[2] if found else None
+
+
 def _upgrade(cfg: Dict[str, Any], version: int) -> Dict[str, Any]:
     """A saved config brought to today's schema. Version 1 (no ``config_version``) lacks the
     ``context`` section, which then takes its default (the preset's plain RoPE)."""
@@ -141,6 +171,12 @@ def load_model_weights(model: nn.Module, path: str | Path, key: str = "init_from
         raise ConfigError(
             f"{key}: '{path}' does not fit this model: {k} is {tuple(state[k].shape)} there, "
             f"{tuple(own[k].shape)} here ({len(wrong)} tensors differ)"
+        )
+    bad = [k for k in common if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:
+        raise ConfigError(
+            f"{key}: '{path}' holds non-finite values ({len(bad)} tensors, e.g. {bad[0]}); it "
+            "comes from a diverged run: pick an earlier checkpoint"
         )
     result = model.load_state_dict(state, strict=False)
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Type, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_bluelm.errors import ConfigError
+from lit_bluelm.errors import ConfigError, RunError
 
 T = TypeVar("T")
 
@@ -32,17 +32,21 @@ def parse_key_values(schema: Type[T], argv: Sequence[str], text_keys: Sequence[s
 
 
 def run_main(
-    body: Callable[[list], None], usage: Callable[[], str], argv: Optional[Sequence[str]] = None
+    body: Callable[[list], Optional[int]], usage: Callable[[], str], argv: Optional[Sequence[str]] = None
 ) -> int:
-    """Run ``body(argv)`` as a command: ``-h``/``--help``/``help`` prints ``usage()``; a
-    ConfigError is printed as ``error: ...`` on stderr with exit code 2."""
+    """Run ``body(argv)`` as a command; its exit code is what ``body`` returns (None: 0).
+    ``-h``/``--help``/``help`` prints ``usage()``; a ConfigError is printed as ``error: ...`` on
+    stderr with exit code 2, a RunError the same way with exit code 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(usage())
         return 0
     try:
-        body(argv)
+        code = body(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return code or 0

@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A user or config error: printed as one line, exit code 2, no traceback."""
 
 
+class RunError(RuntimeError):
+    """A run failed for a cause it can name (a checkpoint that could not be written): printed
+    as one line, exit code 1 (``status=failed``), no traceback."""
+
+
 def choice(cfg: Any, key: str, valid: Sequence[str]) -> None:
     """``cfg.<key>`` must be one of ``valid``."""
     value = OmegaConf.select(cfg, key)

@@ -56,6 +56,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as pure data parallelism: one FSDP2 mesh over every
     process of every node (no tensor parallelism), whatever form ``devices`` took."""
 
+    writes_folders = True  # checkpoints are folders of per-rank shards (callbacks.LastCheckpoint)
+
     def __init__(self, **kwargs) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
 

@@ -3,6 +3,8 @@ the tests call :func:`fit_stage`; the strategy/precision mapping is ``lit_bluelm
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -59,17 +61,43 @@ def attach_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
     cfg.model.image_token_id = image_id
 
 
+def check_run_dir(cfg: DictConfig) -> None:
+    """``run_dir`` can be created and written (one line and exit 2 otherwise, before any work)."""
+    run_dir = Path(cfg.run_dir)
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run_dir: cannot write to '{run_dir}': {err.strerror or err}") from None
+
+
+def resumed_step(cfg: DictConfig) -> Optional[int]:
+    """The global step of the checkpoint a resumed run continues from (None for a new run)."""
+    if not cfg.resume_from:
+        return None
+    from lit_bluelm.checkpoint import read_meta
+
+    return int(read_meta(cfg.resume_from, "resume_from").get("global_step", 0))
+
+
 def build_trainer(cfg: DictConfig, module_cls: Type[Any]):
     """The Lightning Trainer of a run: strategy, precision, loop counts in optimizer steps, the
-    default callbacks (the module's own come from its ``configure_callbacks``), TensorBoard."""
+    default callbacks (the module's own come from its ``configure_callbacks``), atomic checkpoint
+    writes, TensorBoard (a resumed run purges the events logged after its checkpoint, so the
+    curves have no duplicates)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from callbacks import default_callbacks
+    from lit_bluelm.checkpoint_io import AtomicCheckpointIO
     from lit_bluelm.parallel import strategy_and_precision
 
     t = cfg.trainer
     strategy, precision = strategy_and_precision(t.strategy, t.precision)
+    step = resumed_step(cfg)
+    tensorboard = {"purge_step": step} if step is not None else {}
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -87,8 +115,9 @@ def build_trainer(cfg: DictConfig, module_cls: Type[Any]):
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         enable_progress_bar=t.enable_progress_bar,
-        logger=TensorBoardLogger(save_dir=cfg.run_dir, name="tensorboard", version=""),
+        logger=TensorBoardLogger(save_dir=cfg.run_dir, name="tensorboard", version="", **tensorboard),
         callbacks=default_callbacks(cfg, module_cls.best_metric, module_cls.best_mode),
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.run_dir,
     )
 
@@ -104,6 +133,7 @@ def prepare(cfg: DictConfig):
     from lit_bluelm.config import to_container
 
     quiet_known_warnings()
+    check_run_dir(cfg)
     check_names(cfg)
     module_cls = stage_module(cfg)
     L.seed_everything(cfg.seed, verbose=False)
@@ -127,33 +157,72 @@ def _metrics(results: Any, names: Dict[str, str]) -> Dict[str, Optional[float]]:
 
 
 def fit_stage(cfg: DictConfig) -> Dict[str, Any]:
-    """Train one stage; returns its summary (also written to ``<run_dir>/summary.json``)."""
+    """Train one stage; returns its summary (also written to ``<run_dir>/summary.json``), whose
+    ``status`` says how it ended (``lit_bluelm.status``). A config error raises ConfigError
+    before any work; a failed run writes its summary and raises."""
+    from lit_bluelm.status import handle_signals
+
+    with handle_signals():
+        return _fit_stage(cfg)
+
+
+def _fit_stage(cfg: DictConfig) -> Dict[str, Any]:
     from callbacks import LastCheckpoint
+    from lit_bluelm.status import Preempted, RunStopped, active
     from lit_bluelm.summary import print_summary, write_summary
 
-    datamodule, module, trainer = prepare(cfg)
-    if trainer.is_global_zero:
-        print(f"run_dir={cfg.run_dir}", flush=True)
-    names = module.summary_metrics
+    run: Dict[str, Any] = {}  # what exists so far: trainer, module, names, before
+    status, error = "ok", None
     start = time.time()
-    before = {name: None for name in names}
-    if cfg.validate_before_fit and not cfg.resume_from:
-        before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
-    last = next(cb.path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
-    after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    try:
+        datamodule, run["module"], run["trainer"] = prepare(cfg)
+        module, trainer = run["module"], run["trainer"]
+        if trainer.is_global_zero:
+            print(f"run_dir={cfg.run_dir}", flush=True)
+        names = module.summary_metrics
+        run["before"] = {name: None for name in names}
+        if cfg.validate_before_fit and not cfg.resume_from:
+            run["before"] = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
+        signals = active()
+        if signals is not None and signals.requested:  # during the last step: no validation now
+            raise Preempted(signals.signum)
+        run["after"] = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
+    except ConfigError:
+        raise
+    except RunStopped as stop:
+        status, error = stop.status, str(stop)
+    except Exception as err:
+        status, error = "failed", str(err).splitlines()[0] if str(err) else type(err).__name__
+        failure = err  # re-raised below: a traceback, or one line for a RunError
+    trainer, module = run.get("trainer"), run.get("module")
+    names = module.summary_metrics if module is not None else {"val_loss": "val/loss"}
+    before = run.get("before") or {name: None for name in names}
+    after = run.get("after") or {name: None for name in names}
     summary: Dict[str, Any] = {}
     for name in names:
         summary[f"{name}_before"], summary[f"{name}_after"] = before[name], after[name]
+    last_cb = (
+        next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None) if trainer else None
+    )
+    last = last_cb.path if last_cb is not None and last_cb.path.exists() else None
+    best = trainer.checkpoint_callback.best_model_path if trainer is not None else None
     summary |= {
-        "global_step": trainer.global_step,
-        "last_ckpt": str(last.resolve()),
-        "best_ckpt": trainer.checkpoint_callback.best_model_path or None,
+        "global_step": trainer.global_step if trainer is not None else 0,
+        "last_ckpt": str(last.resolve()) if last else None,
+        # a diverged run has no best checkpoint to offer (the chain must not go on from it)
+        "best_ckpt": (best or None) if status != "diverged" else None,
+        "on_exception_ckpt": str(last_cb.exception_path.resolve())
+        if last_cb is not None and last_cb.exception_path is not None
+        else None,
         "train_seconds": f"{time.time() - start:.1f}",
+        "status": status,
     }
-    if trainer.is_global_zero:
+    if error is not None:
+        summary["error"] = error
+    if trainer is None or trainer.is_global_zero:
         by_source = {}
-        if module.summary_by_source:
+        if module is not None and module.summary_by_source and status == "ok":
             prefix = module.summary_by_source
             by_source = {
                 f"{next(iter(names))}_after_by_source": {
@@ -162,8 +231,13 @@ def fit_stage(cfg: DictConfig) -> Dict[str, Any]:
                     if k.startswith(prefix)
                 }
             }
-        write_summary(cfg.run_dir, {"stage": cfg.stage, "module": cfg.module, **summary, **by_source})
-        print_summary(summary)
+        if Path(cfg.run_dir).is_dir():
+            write_summary(cfg.run_dir, {"stage": cfg.stage, "module": cfg.module, **summary, **by_source})
+        print_summary({k: v for k, v in summary.items() if k != "error"})
+        if error is not None and status != "failed":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+    if status == "failed":
+        raise failure
     return summary
 
 

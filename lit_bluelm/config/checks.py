@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,12 +35,19 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_run(cfg: DictConfig) -> None:
-    if cfg.init_from and cfg.resume_from:
+    from lit_bluelm.checkpoint import newest_resumable, read_meta, recover_checkpoint
+
+    if cfg.resume_from == "auto":  # a requeued job: continue if there is something to continue
+        found = newest_resumable(Path(cfg.run_dir) / "checkpoints")
+        cfg.resume_from = str(found) if found is not None else None
+    elif cfg.init_from and cfg.resume_from:
         raise ConfigError(
             "init_from and resume_from are mutually exclusive: init_from starts a new run from "
-            "weights, resume_from continues this run"
+            "weights, resume_from continues this run (resume_from=auto allows both: it resumes "
+            "when run_dir has a checkpoint, else starts from init_from)"
         )
-    from lit_bluelm.checkpoint import read_meta
+    elif cfg.resume_from:
+        recover_checkpoint(cfg.resume_from)  # a sharded swap a crash interrupted
 
     for key in ("init_from", "resume_from"):
         if cfg[key]:  # the form, the sharded metadata and the pickle, all read safely
@@ -134,6 +142,7 @@ def _check_trainer(cfg: DictConfig) -> None:
         "trainer.accumulate_grad_batches",
         "trainer.num_nodes",
         "trainer.progress_refresh_rate",
+        "trainer.max_bad_steps",
     ):
         at_least(cfg, key, 1)
     at_least(cfg, "trainer.limit_val_batches", 0)

@@ -145,7 +145,7 @@ def _inherit_context(cfg: DictConfig) -> None:
     """A run started (``init_from``) or continued (``resume_from``) from a checkpoint keeps that
     checkpoint's context scaling unless its stage or command line sets one (``context.rope``);
     config.yaml then shows what was applied."""
-    key = "init_from" if cfg.init_from else "resume_from" if cfg.resume_from else None
+    key = "resume_from" if cfg.resume_from else "init_from" if cfg.init_from else None
     if key is None or cfg.context.rope is not None:
         return
     from lit_bluelm.checkpoint import saved_config

@@ -192,6 +192,9 @@ class TrainerConfig:
     limit_val_batches: int = 20  # per rank; the val stream repeats, so every rank runs this many
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0
+    # optimizer steps in a row with a non-finite loss or gradient (each skipped) before the run
+    # stops with status=diverged
+    max_bad_steps: int = 5
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
     progress_refresh_rate: int = 1  # steps between progress-bar redraws

@@ -64,9 +64,10 @@ class BlueLMModule(L.LightningModule):
 
     def initialize(self, model: BlueLM) -> None:
         """Starting weights of a new run (before freezing and sharding): ``init_from``, if set.
-        On resume the checkpoint's weights replace these afterwards."""
+        On resume the checkpoint's weights replace these afterwards, so ``init_from`` is not
+        read then (``resume_from=auto`` may find a checkpoint in a run started from one)."""
         cfg = self.cfg
-        if cfg.init_from:
+        if cfg.init_from and not cfg.resume_from:
             keys = load_model_weights(model, cfg.init_from, "init_from")
             rank_zero_info(
                 f"init_from {cfg.init_from}: loaded weights; {len(keys['missing'])} tensors kept "
