@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 import lightning as L
 import torch
@@ -55,6 +55,7 @@ class LastCheckpoint(Callback):
         self._in_loop = False
         self._updating = False  # between the optimizer step's gradient checks and its end
         self._saving = False
+        self._exception_save = False
         self.exception_path: Path | None = None  # on_exception.ckpt, once this run wrote it
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -114,11 +115,27 @@ class LastCheckpoint(Callback):
                 self._saved_step if self._saved_step >= 0 else "?",
             )
         elif isinstance(exception, Preempted) or trainer.world_size == 1:
+            self._exception_save = True
             try:
                 self.save(trainer, path)
                 self.exception_path = path
             except Exception as err:  # the original failure is what the run reports
                 log.error("could not write %s: %s", path, err)
+            finally:
+                self._exception_save = False
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Dict[str, Any]
+    ) -> None:
+        # Lightning's logging step (``_batches_that_stepped``) is one behind ``global_step`` in a
+        # checkpoint saved at the end of a step, and a resumed run adds one. An exception
+        # checkpoint is written after the count moved on: stored as is, the resumed curves would
+        # skip a step. Stored at the end-of-step value, they continue without a hole.
+        if not self._exception_save or trainer.global_step == 0:
+            return
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        if "_batches_that_stepped" in loop:
+            loop["_batches_that_stepped"] = trainer.global_step - 1
 
     def save(self, trainer: L.Trainer, path: Path | None = None) -> None:
         path = path or self.path

@@ -15,8 +15,8 @@ class Collator:
     Batch: ``input_ids``/``labels``/``attention_mask`` [B, T]; ``position_ids`` [B, T] for packed
     rows (restarting per document) or None; ``pixel_values`` [tiles, 3, S, S]
     (every image's tiles, in row order, matching the placeholder order) or None; ``source``,
-    ``key``, ``task`` lists; ``doc_sources`` (the source of every document); ``data_state``; ``skipped`` (samples skipped by the reader since its last
-    batch, and how many of them were too long: a tensor ``[total, too_long]``).
+    ``key``, ``task`` lists; ``doc_sources`` (the source of every draw); ``data_state``; ``skipped`` (samples skipped by the reader since its last
+    batch, per reason: a tensor in ``SKIP_REASONS`` order).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 8) -> None:
@@ -54,13 +54,10 @@ class Collator:
             "source": [e.get("source", "") for e in examples],
             "key": [e.get("key", "") for e in examples],
             "task": [e.get("task", "") for e in examples],
-            "skipped": torch.tensor(list(Skips.sum(e.get("skipped", 0) for e in examples))),
-            # every document's source (a packed row holds several), for data/frac/<source>
-            "doc_sources": [
-                src
-                for e in examples
-                for src in e.get("sources", [e.get("source", "")] if e.get("piece", 0) == 0 else [])
-            ],
+            "skipped": torch.tensor(Skips.sum(e.get("skipped", 0) for e in examples).as_list()),
+            # the source of every draw (a document or a piece of a split one; a packed row holds
+            # several), for data/frac/<source>
+            "doc_sources": [src for e in examples for src in e.get("sources", [e.get("source", "")])],
             # the reader state after this batch (training streams; see datamodules.streams)
             "data_state": next((e["data_state"] for e in reversed(examples) if "data_state" in e), None),
         }

@@ -57,8 +57,7 @@ def schedule_points(cfg: DictConfig, names: Sequence[str]) -> List[tuple]:
 class DataCounts:
     """What this rank's training batches held since the last ``take_counts()``."""
 
-    skipped: int = 0  # samples the loader skipped (unreadable, bad or too long)
-    too_long: int = 0  # of those, conversations longer than data.seq_len
+    skipped: Skips = field(default_factory=Skips)  # samples the loader skipped, by reason
     real_tokens: int = 0
     slots: int = 0  # row slots (real tokens + padding)
     documents: Counter = field(default_factory=Counter)  # documents per source
@@ -71,7 +70,9 @@ class BlueLMDataModule(L.LightningDataModule):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer.path)
-        self.processor = BlueLMProcessor.from_config(self.tokenizer, cfg.model, cfg.sft.think_token_position)
+        self.processor = BlueLMProcessor.from_config(
+            self.tokenizer, cfg.model, cfg.sft.think_token_position, cfg.data.max_image_pixels
+        )
         # checked now, so a bad source stops the run before any model is built
         self.train_sources = build_sources(cfg, "train")
         self.val_sources = build_sources(cfg, "val")
@@ -158,9 +159,7 @@ class BlueLMDataModule(L.LightningDataModule):
                 self._pending.append(data_state)
             self._counts.documents.update(sources or ())
             if skipped is not None:
-                total, too_long = Skips.of(skipped)
-                self._counts.skipped += total
-                self._counts.too_long += too_long
+                self._counts.skipped = self._counts.skipped + Skips.of(skipped)
             mask = batch.get("attention_mask")
             if mask is not None:
                 self._counts.real_tokens += int(mask.sum())

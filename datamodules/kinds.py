@@ -7,10 +7,9 @@ which runs code from a shard.
 
 from __future__ import annotations
 
-import io
 import json
 import re
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from PIL import Image
@@ -24,30 +23,101 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 Example = Dict[str, Any]
 
 
+# Why a sample was skipped: the names of data/skipped/<reason> (README, "Bad data"). A saved
+# count without a reason (a checkpoint older than the reasons) is "other".
+SKIP_REASONS = (
+    "decode",  # a member's bytes do not decode (image, UTF-8 text)
+    "bad_json",  # the json member is not a JSON object, or lacks a field its kind needs
+    "missing_member",  # no image / text member where the kind needs one
+    "image_too_large",  # more than data.max_image_pixels, seen from the image header
+    "no_room_for_image",  # the image tokens do not fit in data.seq_len
+    "too_long",  # a conversation longer than data.seq_len (never split)
+    "tar_error",  # an unreadable shard or tar member
+    "invalid",  # decodes, but cannot be a sample (reserved marker, markers != images, ...)
+    "other",  # any other failure of an encoder
+)
+
+
 class SampleError(ValueError):
-    """A sample that cannot be used (bad bytes, missing member, too long): skipped and counted."""
+    """A sample that cannot be used: skipped and counted under ``reason`` (a SKIP_REASONS name)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        assert reason in SKIP_REASONS, reason
+        super().__init__(message)
+        self.reason = reason
 
 
 class TooLong(SampleError):
     """A conversation longer than ``data.seq_len`` (never split): skipped, counted as ``too_long``."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "too_long")
 
-class Skips(NamedTuple):
-    """Samples skipped since the last example: all of them, and how many of them were too long.
-    Carried by examples, rows and batches as ``skipped``; saved in stream states as a list."""
 
-    total: int = 0
-    too_long: int = 0
+def skip_reason(err: BaseException) -> str:
+    """The SKIP_REASONS name a failure to read or encode a sample counts under."""
+    return err.reason if isinstance(err, SampleError) else "other"
 
-    def __add__(self, other: Skips) -> Skips:  # type: ignore[override]
-        return Skips(self.total + other.total, self.too_long + other.too_long)
+
+class Skips:
+    """Samples skipped since the last example, per reason (SKIP_REASONS). Carried by examples,
+    rows and batches as ``skipped`` (a batch holds ``as_list()`` as a tensor); saved in stream
+    states as a dict of the non-zero counts."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, counts: Optional[Dict[str, int]] = None) -> None:
+        self.counts = dict.fromkeys(SKIP_REASONS, 0)
+        for reason, n in (counts or {}).items():
+            self.counts[reason if reason in self.counts else "other"] += int(n)
+
+    @classmethod
+    def one(cls, reason: str) -> Skips:
+        return cls({reason: 1})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def too_long(self) -> int:
+        return self.counts["too_long"]
+
+    def __add__(self, other: Skips) -> Skips:
+        return Skips({r: n + other.counts[r] for r, n in self.counts.items()})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Skips) and self.counts == other.counts
+
+    def __repr__(self) -> str:
+        return f"Skips({ {r: n for r, n in self.counts.items() if n} })"
+
+    def as_list(self) -> List[int]:
+        """The counts in SKIP_REASONS order."""
+        return [self.counts[r] for r in SKIP_REASONS]
+
+    def as_dict(self) -> Dict[str, int]:
+        """The non-zero counts (a stream state's form)."""
+        return {r: n for r, n in self.counts.items() if n}
 
     @classmethod
     def of(cls, value: Any) -> Skips:
-        """From a saved state or a batch: ``[total, too_long]`` (a list or a tensor), or the single
-        count of older checkpoints."""
+        """From a saved state or a batch: a dict by reason, a list (or tensor) in SKIP_REASONS
+        order, and the forms of older checkpoints: ``[total, too_long]`` and a single count."""
+        if isinstance(value, Skips):
+            return value
+        if isinstance(value, dict):
+            return cls(value)
         value = value.tolist() if hasattr(value, "tolist") else value
-        return cls(int(value), 0) if isinstance(value, (int, float)) else cls(*map(int, value))
+        if isinstance(value, (int, float)):
+            return cls({"other": int(value)})
+        value = [int(v) for v in value]
+        if len(value) == len(SKIP_REASONS):
+            return cls(dict(zip(SKIP_REASONS, value, strict=True)))
+        if len(value) == 2:
+            total, too_long = value
+            return cls({"too_long": too_long, "other": total - too_long})
+        raise ValueError(f"not a count of skipped samples: {value!r}")
 
     @classmethod
     def sum(cls, values: Iterable[Any]) -> Skips:
@@ -68,43 +138,53 @@ def decode_json(raw: Dict[str, Any]) -> Dict[str, Any]:
     data = _member(raw, "json")
     if data is None:
         return {}
-    value = json.loads(data.decode("utf-8"))
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise SampleError(f"json member does not parse: {err}", "bad_json") from None
     if not isinstance(value, dict):
-        raise SampleError("json member is not an object")
+        raise SampleError("json member is not an object", "bad_json")
     return value
 
 
 def decode_text(raw: Dict[str, Any], meta: Dict[str, Any]) -> str:
     data = _member(raw, "txt")
     if data is not None:
-        return data.decode("utf-8")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SampleError(f"txt member is not UTF-8: {err}", "decode") from None
     if isinstance(meta.get("text"), str):
         return meta["text"]
-    raise SampleError(f"sample has no txt member and no json 'text' field ({sorted(raw)})")
+    raise SampleError(f"sample has no txt member and no json 'text' field ({sorted(raw)})", "missing_member")
 
 
-def decode_image(raw: Dict[str, Any]) -> Image.Image:
+def decode_image(raw: Dict[str, Any], processor: BlueLMProcessor) -> Image.Image:
     data = _member(raw, *IMAGE_EXTS)
     if data is None:
-        raise SampleError(f"sample has no image member ({sorted(raw)})")
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
+        raise SampleError(f"sample has no image member ({sorted(raw)})", "missing_member")
+    return _open_image(data, processor)
 
 
-def decode_images(raw: Dict[str, Any]) -> List[Image.Image]:
+def _open_image(data: bytes, processor: BlueLMProcessor) -> Image.Image:
+    from lit_bluelm.processor import ImageTooLarge
+
+    try:
+        return processor.decode_image(data)
+    except ImageTooLarge as err:
+        raise SampleError(str(err), "image_too_large") from None
+    except Exception as err:  # PIL raises many kinds on bad bytes
+        raise SampleError(f"image does not decode: {type(err).__name__}: {err}", "decode") from None
+
+
+def decode_images(raw: Dict[str, Any], processor: BlueLMProcessor) -> List[Image.Image]:
     """A chat sample's images in order: members ``0.png``, ``1.jpg``, ... by number (any of
     jpg/jpeg/png/webp), or a single plain ``jpg|png|webp`` member."""
     numbered = sorted(
         (int(m.group(1)), key) for key in raw if (m := re.fullmatch(r"(\d+)\.(jpg|jpeg|png|webp)", key))
     )
     keys = [key for _, key in numbered] or [ext for ext in IMAGE_EXTS if ext in raw][:1]
-    images = []
-    for key in keys:
-        with Image.open(io.BytesIO(raw[key])) as img:
-            img.load()
-            images.append(img.convert("RGB"))
-    return images
+    return [_open_image(raw[key], processor) for key in keys]
 
 
 def _example(
@@ -138,20 +218,22 @@ def encode_image_text(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: 
     """``jpg|png|webp`` + ``txt`` caption (+ ``json`` metadata) -> ``<image>\\n caption``."""
     meta = decode_json(raw)
     caption = decode_text(raw, meta)
-    image = decode_image(raw)
+    image = decode_image(raw, processor)
     text = caption if IMAGE in caption else f"{IMAGE}\n{caption}"
     encoded = processor.encode(text, [image], add_eos=True)
     ids = encoded.input_ids[:seq_len]
     n_image = encoded.input_ids.count(processor.image_token_id)
     if ids.count(processor.image_token_id) != n_image:  # never cut through image placeholders
-        raise SampleError(f"image tokens ({n_image}) do not fit in data.seq_len={seq_len}")
+        raise SampleError(
+            f"image tokens ({n_image}) do not fit in data.seq_len={seq_len}", "no_room_for_image"
+        )
     return _example(ids, encoded.pixel_values, meta, processor.image_token_id)
 
 
 def _json_field(meta: Dict[str, Any], key: str, kind: type) -> Any:
     value = meta.get(key)
     if not isinstance(value, kind):
-        raise SampleError(f"json member needs a '{key}' {kind.__name__} field")
+        raise SampleError(f"json member needs a '{key}' {kind.__name__} field", "bad_json")
     return value
 
 
@@ -171,8 +253,10 @@ def encode_chat(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -
     try:
         rendered = render(_json_field(meta, "messages", list), think_position=processor.think_position)
         encoded = processor.encode(
-            rendered.text, decode_images(raw), add_eos=True, trained_spans=rendered.trained
+            rendered.text, decode_images(raw, processor), add_eos=True, trained_spans=rendered.trained
         )
+    except SampleError:
+        raise
     except ValueError as err:
         raise SampleError(str(err)) from None
     if len(encoded.input_ids) > seq_len:

@@ -53,7 +53,7 @@ def join(docs: List[Example]) -> Example:
         "pixel_values": torch.cat(tiles) if tiles else None,
         "task": docs[0].get("task", ""),
         "source": docs[0].get("source", ""),
-        "sources": [d.get("source", "") for d in docs if d.get("piece", 0) == 0],  # documents, not pieces
+        "sources": [d.get("source", "") for d in docs],  # one per draw: a document or a piece
         "key": "+".join(str(d.get("key", "")) for d in docs),
         "skipped": Skips.sum(d.get("skipped", 0) for d in docs),
         "documents": len(docs),
@@ -79,6 +79,9 @@ class RowBuilder:
                 doc = next_doc()
             except StopIteration:
                 return
+            if "piece" in doc:  # a reader's draw: already a piece (or a whole document) that fits
+                self.pending.append(doc)
+                continue
             pieces = split_long(doc, self.seq_len)
             for i, piece in enumerate(pieces):
                 piece["piece"] = i
@@ -114,7 +117,7 @@ class RowBuilder:
                 "source": d.get("source_index", 0),
                 "ref": list(d["ref"]),
                 "piece": d["piece"],
-                "skipped": list(Skips.of(d.get("skipped", 0))),
+                "skipped": Skips.of(d.get("skipped", 0)).as_dict(),
             }
             for d in self.pending
         ]
@@ -124,11 +127,16 @@ class RowBuilder:
         state: List[Dict[str, Any]],
         encode_refs: Callable[[List[Tuple[int, Tuple[str, int]]]], List[Example]],
     ) -> None:
-        """``encode_refs`` re-encodes (source index, ref) pairs, in order, all at once."""
-        docs = encode_refs([(item["source"], tuple(item["ref"])) for item in state])
+        """``encode_refs`` re-encodes (source index, ref) pairs, in order, all at once; each
+        document is encoded and split once, however many of its pieces are pending."""
+        keys = [(item["source"], tuple(item["ref"])) for item in state]
+        unique = list(dict.fromkeys(keys))
+        split = {
+            key: split_long(doc, self.seq_len) for key, doc in zip(unique, encode_refs(unique), strict=True)
+        }
         self.pending = []
-        for item, doc in zip(state, docs, strict=True):
-            piece = split_long(doc, self.seq_len)[item["piece"]]
+        for item, key in zip(state, keys, strict=True):
+            piece = dict(split[key][item["piece"]])
             piece["piece"], piece["skipped"] = item["piece"], Skips.of(item["skipped"])
             self.pending.append(piece)
 

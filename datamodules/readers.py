@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import webdataset as wds
 
-from datamodules.kinds import SAMPLE_KINDS, Example, Skips, TooLong
+from datamodules.kinds import SAMPLE_KINDS, Example, Skips, skip_reason
+from datamodules.packing import split_long
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.processor import BlueLMProcessor
 
@@ -66,24 +67,26 @@ def epoch_shards(
 
 
 class SkipCounter:
-    """Per-reader count of skipped samples and unreadable shards (:class:`Skips`), handed out
-    with the next example."""
+    """Per-reader count of skipped samples and unreadable shards by reason (:class:`Skips`),
+    handed out with the next example. The first ``MAX_WARNINGS`` skips of each reason are logged
+    with the shard and the sample key."""
 
-    MAX_WARNINGS = 5
+    MAX_WARNINGS = 3
 
     def __init__(self) -> None:
         self.pending = Skips()
-        self.warned = 0
+        self.warned: Dict[str, int] = {}
 
-    def skip(self, what: str, err: BaseException) -> None:
-        self.pending = self.pending + Skips(1, int(isinstance(err, TooLong)))
-        if self.warned < self.MAX_WARNINGS:
-            self.warned += 1
-            log.warning("skipped %s: %s: %s", what, type(err).__name__, str(err)[:200])
+    def skip(self, what: str, err: BaseException, reason: Optional[str] = None) -> None:
+        reason = reason or skip_reason(err)
+        self.pending = self.pending + Skips.one(reason)
+        if self.warned.get(reason, 0) < self.MAX_WARNINGS:
+            self.warned[reason] = self.warned.get(reason, 0) + 1
+            log.warning("skipped %s (%s): %s: %s", what, reason, type(err).__name__, str(err)[:200])
 
     def tar_handler(self, err: BaseException) -> bool:
         """WebDataset handler for unreadable shards/members: count and go on."""
-        self.skip("tar data", err)
+        self.skip("tar data", err, "tar_error")
         return True
 
     def take(self) -> Skips:
@@ -126,6 +129,8 @@ class SourceReader:
         self._shards: Optional[List[str]] = None
         self._it: Optional[Iterator[Dict[str, Any]]] = None
         self._replaying = False  # skipping to a restored offset: errors there were counted before
+        # a split document being drawn: the document, its pieces, the index of the next piece
+        self.in_flight: Optional[Tuple[Example, List[Example], int]] = None
 
     def shards(self) -> List[str]:
         if self._shards is None:
@@ -180,6 +185,13 @@ class SourceReader:
         self._shards = None
 
     def next_example(self) -> Example:
+        """The next draw of this source: a document, or the next piece of a long one (a text
+        document longer than ``seq_len`` is split, and its pieces are drawn one at a time, like
+        documents, so one long document cannot flood the rows of a mixture)."""
+        if self.in_flight is not None:
+            doc, pieces, index = self.in_flight
+            self.in_flight = (doc, pieces, index + 1) if index + 1 < len(pieces) else None
+            return dict(pieces[index])
         while True:
             while len(self.buffer) < self.buffer_size:
                 self.buffer.append(self._next_raw())
@@ -190,7 +202,18 @@ class SourceReader:
             example = self._encode(ref, raw)
             if example is not None:
                 self.counts["good"] += 1
-                return example
+                return self._first_piece(example)
+
+    def _first_piece(self, example: Example, resume_at: int = 1) -> Example:
+        pieces = split_long(example, self.seq_len)
+        for i, piece in enumerate(pieces):
+            piece["piece"] = i
+        self.in_flight = (example, pieces, resume_at) if resume_at < len(pieces) else None
+        return pieces[0]
+
+    def in_flight_document(self) -> Optional[Example]:
+        """The whole document whose pieces are being drawn (None when there is none)."""
+        return self.in_flight[0] if self.in_flight is not None else None
 
     def _encode(self, ref: Ref, raw: Dict[str, Any]) -> Optional[Example]:
         try:
@@ -241,6 +264,8 @@ class SourceReader:
             "counts": dict(self.counts),
             "rng": self.rng.getstate(),
             "buffer": [list(ref) for ref, _ in self.buffer],
+            # the document being split: its reference and the next piece to draw
+            "in_flight": [list(self.in_flight[0]["ref"]), self.in_flight[2]] if self.in_flight else None,
         }
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -250,3 +275,7 @@ class SourceReader:
         self.rng.setstate((version, tuple(internal), gauss))
         self.buffer = self.fetch([tuple(r) for r in state["buffer"]])
         self._shards, self._it = None, None
+        self.in_flight = None
+        if state.get("in_flight"):  # one tokenization of the document in flight, whatever its length
+            ref, index = state["in_flight"]
+            self._first_piece(self.encode_refs([tuple(ref)])[0], resume_at=int(index))

@@ -168,7 +168,7 @@ class MixedReader:
             "sources": [s.state() for s in self.sources],
             "credits": list(self.credits),
             "rows": self.rows.state(),
-            "skipped": list(self.skips.pending),
+            "skipped": self.skips.pending.as_dict(),
         }
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -181,7 +181,12 @@ class MixedReader:
             # one pass per source (and shard), not one per pending document
             out: List[Optional[Example]] = [None] * len(items)
             for index, source in enumerate(self.sources):
-                positions = [i for i, (s, _) in enumerate(items) if s == index]
+                doc = source.in_flight_document()  # restored above: not encoded a second time
+                if doc is not None:
+                    for i, (s, ref) in enumerate(items):
+                        if s == index and tuple(ref) == tuple(doc["ref"]):
+                            out[i] = dict(doc, source_index=index)
+                positions = [i for i, (s, _) in enumerate(items) if s == index and out[i] is None]
                 examples = source.encode_refs([items[i][1] for i in positions]) if positions else []
                 for i, example in zip(positions, examples, strict=True):
                     example["source_index"] = index

@@ -16,6 +16,10 @@ from lit_bluelm.anyres import candidate_grids, image_to_tiles, tokens_per_tile
 from lit_bluelm.tokenizer import IMAGE
 
 
+class ImageTooLarge(ValueError):
+    """An image with more pixels than the processor's ``max_image_pixels`` (seen from its header)."""
+
+
 @dataclass
 class Encoded:
     input_ids: List[int]
@@ -34,6 +38,7 @@ class BlueLMProcessor:
         max_tiles: int = 16,
         thumbnail: bool = True,
         think_position: str = "after_query",
+        max_image_pixels: Optional[int] = None,
     ) -> None:
         assert image_size % patch_size == 0, (image_size, patch_size)  # config checks it at start-up
         self.tokenizer = tokenizer
@@ -45,12 +50,22 @@ class BlueLMProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
+        self.max_image_pixels = max_image_pixels  # None: PIL's own limit only (data.max_image_pixels)
+        # the largest AnyRes canvas (cols * S, rows * S): no image is ever used at more than this
+        self.canvas = (
+            max(c for c, _ in self.grids) * image_size,
+            max(r for _, r in self.grids) * image_size,
+        )
 
     @classmethod
     def from_config(
-        cls, tokenizer: PreTrainedTokenizerBase, model_cfg: DictConfig, think_position: str = "after_query"
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        model_cfg: DictConfig,
+        think_position: str = "after_query",
+        max_image_pixels: Optional[int] = None,
     ) -> BlueLMProcessor:
-        """From ``cfg.model`` (and ``cfg.sft.think_token_position``)."""
+        """From ``cfg.model`` (and ``cfg.sft.think_token_position``, ``cfg.data.max_image_pixels``)."""
         return cls(
             tokenizer,
             image_size=model_cfg.vision.image_size,
@@ -60,7 +75,33 @@ class BlueLMProcessor:
             max_tiles=model_cfg.anyres.max_tiles,
             thumbnail=model_cfg.anyres.thumbnail,
             think_position=think_position,
+            max_image_pixels=max_image_pixels,
         )
+
+    def decode_image(self, data: bytes) -> Image.Image:
+        """An image file's bytes -> RGB. Its size is checked from the header before any pixel is
+        decoded (:class:`ImageTooLarge` above ``max_image_pixels``), and a JPEG larger than the
+        AnyRes canvas is decoded at the smallest DCT scale still covering it (PIL ``draft``)."""
+        import io
+        import warnings
+
+        with warnings.catch_warnings():  # the pixel limit here replaces PIL's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as err:
+                raise ImageTooLarge(str(err)) from None
+            with img:
+                width, height = img.size
+                if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+                    raise ImageTooLarge(
+                        f"a {width}x{height} image ({width * height / 1e6:.1f} MP) > "
+                        f"data.max_image_pixels={self.max_image_pixels}"
+                    )
+                if img.format == "JPEG" and (width > self.canvas[0] or height > self.canvas[1]):
+                    img.draft("RGB", self.canvas)
+                img.load()
+                return img.convert("RGB")
 
     def tiles(self, image: Image.Image) -> torch.Tensor:
         """AnyRes tiles [n, 3, S, S] of one image."""

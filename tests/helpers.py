@@ -74,14 +74,11 @@ def png_bytes(size=(224, 112), color=(0, 128, 255)) -> bytes:
 
 
 def scalars(run_dir: Path) -> Dict[str, list]:
-    """Every TensorBoard scalar of a run: tag -> [(step, value), ...]."""
-    tags: Dict[str, list] = {}
-    for events in (run_dir / "tensorboard").glob("events.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            tags.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return tags
+    """Every TensorBoard scalar of a run: tag -> [(step, value), ...]. The event files are read
+    as one log, as TensorBoard does, so a resumed run's purge of steps past its checkpoint holds."""
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def train_subprocess(args: List[str], timeout: int = 300) -> Dict[str, str]:

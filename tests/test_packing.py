@@ -21,7 +21,7 @@ def test_join_restarts_positions_and_drops_the_cross_document_label():
     row = join([_doc(3, key="a"), _doc(2, start=50, key="b")])
     assert row["position_ids"].tolist() == [0, 1, 2, 0, 1]
     assert row["labels"].tolist() == [10, 11, 12, IGNORE_INDEX, 51]
-    assert row["key"] == "a+b" and row["skipped"] == Skips(2, 0) and row["documents"] == 2
+    assert row["key"] == "a+b" and row["skipped"] == Skips({"other": 2}) and row["documents"] == 2
 
 
 def test_pack_stream_keeps_every_token_and_splits_long_documents():

@@ -86,7 +86,7 @@ def test_too_long_conversations_are_counted_apart_from_other_skips(tmp_path, pro
     src = Source("sft", "chat", [str(tmp_path / "c-0.tar")], 1.0)
     stream = iter(MixedStream([src], processor, seq_len=128, seed=0, train=False))
     examples = [next(stream) for _ in range(3)]
-    assert Skips.sum(e["skipped"] for e in examples) == Skips(total=2, too_long=1)
+    assert Skips.sum(e["skipped"] for e in examples) == Skips({"too_long": 1, "bad_json": 1})
 
 
 def test_packing_keeps_the_loss_masks(processor):

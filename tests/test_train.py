@@ -185,6 +185,7 @@ def test_the_skipped_sample_total_survives_resume(fitted, tmp_path, demo_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     ckpt["data_skipped"] = 7  # as if the first part of the run had skipped 7 bad samples ...
     ckpt["data_too_long"] = 2  # ... 2 of them too long
+    del ckpt["data_skipped_by_reason"]  # a checkpoint older than the reasons
     path = tmp_path / "with_skips.ckpt"
     torch.save(ckpt, path)
     args = [
@@ -199,3 +200,5 @@ def test_the_skipped_sample_total_survives_resume(fitted, tmp_path, demo_dir):
     ]
     last = torch.load(summary["last_ckpt"], weights_only=True, map_location="cpu")
     assert last["data_skipped"] == 7 and last["data_too_long"] == 2
+    assert last["data_skipped_by_reason"] == {"too_long": 2, "other": 5}
+    assert [v for _, v in logged["data/skipped/other"]] == [5.0]

@@ -87,6 +87,7 @@ def _check_data(cfg: DictConfig) -> None:
         at_least(cfg, key, 1)
     at_least(cfg, "data.val_batch_size", 1, allow_none=True)
     at_least(cfg, "data.num_workers", 0)
+    at_least(cfg, "data.max_image_pixels", 1, allow_none=True)
     if data.packing and cfg.model.llm.attn_implementation.startswith("flash"):
         # transformers derives per-document (varlen) attention from position_ids only for a
         # batch of one row with flash attention: packed batches would attend across documents

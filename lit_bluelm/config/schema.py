@@ -116,6 +116,9 @@ class DataConfig:
     val_batch_size: Optional[int] = None  # default: batch_size
     num_workers: int = 2
     shuffle_buffer: int = 256
+    # images with more pixels are skipped from their header, before decoding (data/skipped/
+    # image_too_large); null: no limit but PIL's own (about 179 MP)
+    max_image_pixels: Optional[int] = 64_000_000
     # concatenate documents into rows of seq_len (EOS between them, positions restarting, no
     # attention across documents); pack_buffer documents are held to fill rows best-fit
     packing: bool = False
