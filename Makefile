@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -109,10 +109,9 @@ class LastCheckpoint(Callback):
         elif self._updating and not isinstance(exception, Preempted):
             log.error(
                 "no %s: the failure happened inside optimizer.step, so the weights may be "
-                "half-updated; resume from %s (step %s or earlier)",
+                "half-updated; resume from %s (resume_from=auto takes it)",
                 ON_EXCEPTION,
                 self.path,
-                self._saved_step if self._saved_step >= 0 else "?",
             )
         elif isinstance(exception, Preempted) or trainer.world_size == 1:
             self._exception_save = True
