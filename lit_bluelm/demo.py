@@ -23,6 +23,7 @@ stage costs minutes, not the whole pipeline (``--from eval_sft`` reruns only the
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -131,10 +132,17 @@ def first_stage(start: Optional[str], runs: str) -> int:
     index = names.index(name)
     for stage in STAGES[: min(index, len(STAGES))]:
         ckpt = Path(runs) / stage.name / "checkpoints" / "last.ckpt"
-        if not (Path(runs) / stage.name / "summary.json").is_file() or not ckpt.exists():
+        summary = Path(runs) / stage.name / "summary.json"
+        if not summary.is_file() or not ckpt.exists():
             raise ConfigError(
                 f"--from {name} reuses {Path(runs) / stage.name}, which has not finished "
                 f"(no summary.json or {ckpt}); run the whole demo first"
+            )
+        status = json.loads(summary.read_text()).get("status", "ok")  # older summaries: finished
+        if status != "ok":
+            raise ConfigError(
+                f"--from {name} reuses {Path(runs) / stage.name}, which ended with "
+                f"status={status}; rerun from {stage.name}"
             )
     return index
 
@@ -149,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from lit_bluelm.config import load_config
+    from lit_bluelm.status import EXIT_CODES
     from lit_bluelm.summary import check_better, print_table
     from lit_bluelm.trainer import fit_stage
 
@@ -160,8 +169,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\n$ python train.py {' '.join(stage_args)}", flush=True)
             shutil.rmtree(Path(runs) / stage.name, ignore_errors=True)  # a rerun starts clean
             began = time.time()
-            fit_stage(load_config(stage_args))  # what train.py runs
+            status = fit_stage(load_config(stage_args))["status"]  # what train.py runs
             print(f"{stage.name}: {time.time() - began:.0f}s", flush=True)
+            if status != "ok":  # the next stage must not start from a stopped one
+                print(
+                    f"error: stage {stage.name} ended with status={status}; the pipeline stops here "
+                    f"(rerun it with `make demo FROM={stage.name}`)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return EXIT_CODES[status]
         demo_dir = next(
             (a.split("=", 1)[1] for a in args.overrides if a.startswith("data.demo_dir=")), "data/demo"
         )

@@ -83,3 +83,22 @@ def test_the_demo_evaluation_targets_on_hand_made_rows():
         row("think", 32, 0.1, 1.0, within=0.99),
     ]
     assert len(demo.eval_failures(bad)) == 3
+
+
+def test_the_pipeline_stops_at_a_diverged_stage(tmp_path, capsys):
+    data = write_demo(tmp_path / "demo", TINY)
+    runs = tmp_path / "runs"
+    diverge = [
+        "optim.lr.llm=1e30",
+        "trainer.max_bad_steps=1",
+        "checkpoint.every_n_steps=1",
+        "validate_before_fit=false",
+    ]
+    rc = demo.main(["--runs", str(runs), f"data.demo_dir={data}", *SMOKE, *diverge])
+    assert rc == 3  # the diverged status's exit code
+    first = demo.STAGES[0].name
+    assert json.loads((runs / first / "summary.json").read_text())["status"] == "diverged"
+    assert not (runs / demo.STAGES[1].name).exists()  # the next stage never started from it
+    assert f"error: stage {first} ended with status=diverged" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"ended with status=diverged; rerun from {first}"):
+        demo.first_stage(demo.STAGES[1].name, str(runs))
