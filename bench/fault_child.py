@@ -8,7 +8,7 @@ variables (set by the benchmark, never by a user):
 - ``FAULT_KEYS``: appends ``{"step", "keys"}`` (the sample keys the step trained on) to this
   JSON-lines file once the step's update is applied;
 - ``FAULT_NAN_STEP``: makes the loss non-finite at that global step (every attempt: a data fault
-  is deterministic);
+  is deterministic), on every rank or only on rank ``FAULT_NAN_RANK``;
 - ``FAULT_OPT_STEP`` with ``FAULT_OPT_MARKER``: raises inside ``optimizer.step`` at that step,
   after changing a weight, once (the marker file records that it happened);
 - ``FAULT_SLOW_SAVE``: writes the first checkpoint of the attempt in two halves, touching this
@@ -43,7 +43,8 @@ class FaultyModule(NextTokenModule):
     def training_step(self, batch, batch_idx):
         self._keys = getattr(self, "_keys", []) + list(batch.get("key", []))
         loss = super().training_step(batch, batch_idx)
-        if self.global_step == _int_env("FAULT_NAN_STEP"):
+        rank = _int_env("FAULT_NAN_RANK")
+        if self.global_step == _int_env("FAULT_NAN_STEP") and rank in (-1, self.global_rank):
             return loss * float("nan")
         return loss
 

@@ -307,3 +307,32 @@ def test_an_unusable_run_dir_is_one_line_and_exit_2(demo_dir, tmp_path, capsys):
     assert train.main(tiny_args(demo_dir, blocker / "run", "trainer.max_steps=1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: run_dir: cannot write to")
+
+
+def test_a_signal_is_a_stop_request_in_training_and_immediate_outside():
+    from lit_bluelm.status import Preempted, StopSignals, active, handle_signals
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with handle_signals() as state:
+        assert active() is state
+        with pytest.raises(Preempted) as stopped:  # outside the training loop: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.status == "preempted"
+    assert active() is None and signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+    state = StopSignals()
+    state.deferred = True  # inside the training loop: a flag read at the next step boundary
+    state.handler(signal.SIGINT, None)
+    assert state.requested and Preempted(state.signum).status == "interrupted"
+    state.handler(signal.SIGTERM, None)  # a second SIGTERM is ignored ...
+    with pytest.raises(KeyboardInterrupt):  # ... a second Ctrl-C interrupts at once
+        state.handler(signal.SIGINT, None)
+
+
+def test_data_loader_workers_ignore_stop_signals(monkeypatch):
+    from lit_bluelm.status import ignore_stop_signals
+
+    set_to = {}
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: set_to.__setitem__(signum, handler))
+    ignore_stop_signals(0)
+    assert set_to == {signal.SIGTERM: signal.SIG_IGN, signal.SIGINT: signal.SIG_IGN}
