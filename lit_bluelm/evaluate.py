@@ -129,7 +129,10 @@ def run(args: EvaluateArgs):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_main(lambda argv: run(parse_args(argv)), lambda: __doc__.strip(), argv)
+    def body(argv: list) -> None:
+        run(parse_args(argv))
+
+    return run_main(body, lambda: __doc__.strip(), argv)
 
 
 if __name__ == "__main__":
