@@ -31,8 +31,8 @@ def grads_finite(grads: List[torch.Tensor]) -> torch.Tensor:
     """One boolean tensor: every value of every gradient is finite (no host sync)."""
     if not grads:
         return torch.tensor(True)
-    norms = torch.stack([_local(g).detach().float().norm() for g in grads])
-    return torch.isfinite(norms).all()
+    # one foreach pass over all gradients (what clip_grad_norm_ uses); NaN and inf propagate
+    return torch.isfinite(torch.nn.utils.get_total_norm([_local(g).detach() for g in grads]))
 
 
 class NonFiniteGuard(L.Callback):
@@ -42,6 +42,7 @@ class NonFiniteGuard(L.Callback):
         self.in_a_row = 0
         self.first_bad = -1  # global step of the first of the current bad streak
         self._loss_ok: torch.Tensor | None = None
+        self._step_at_batch_start = -1
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -70,7 +71,6 @@ class NonFiniteGuard(L.Callback):
                 self.first_bad = step
         else:
             self.in_a_row = 0
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
         if self.in_a_row >= self.max_bad_steps:
             raise Diverged(
                 f"training diverged: the loss or gradients were non-finite at {self.in_a_row} "
@@ -78,6 +78,15 @@ class NonFiniteGuard(L.Callback):
                 f"{self.max_bad_steps}); those updates were skipped. Lower the learning rate or "
                 "restart from an earlier checkpoint"
             )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # at the logging steps only (a log call costs more than the check itself)
+        step = trainer.global_step
+        if step != self._step_at_batch_start and step % trainer.log_every_n_steps == 0:
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"skipped": self.skipped, "in_a_row": self.in_a_row, "first_bad": self.first_bad}
