@@ -81,11 +81,14 @@ def scalars(run_dir: Path) -> Dict[str, list]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def train_subprocess(args: List[str], timeout: int = 300) -> Dict[str, str]:
-    """``python train.py ARGS`` in a fresh process; returns its ``key=value`` output lines."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def train_subprocess(
+    args: List[str], timeout: int = 300, script: str = "train.py", **env_vars: str
+) -> Dict[str, str]:
+    """``python SCRIPT ARGS`` (``train.py``, or ``bench/fault_child.py`` with its ``FAULT_*``
+    variables in ``env_vars``) in a fresh process; returns its ``key=value`` output lines."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run(
-        [sys.executable, "train.py", *args],
+        [sys.executable, script, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

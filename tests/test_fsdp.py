@@ -55,12 +55,6 @@ def test_fsdp_distillation_with_pruning_init(demo_dir, tmp_path):
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(demo_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
     run_dir = tmp_path / "fsdp_nan"
     args = tiny_args(
         demo_dir,
@@ -72,17 +66,8 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_both(demo_dir, tmp_path
         "validate_before_fit=false",
     )
     # bench/fault_child.py is train.py with test-only fault hooks: NaN at step 1 on rank 1 only
-    env = dict(os.environ, OMP_NUM_THREADS="1", FAULT_NAN_STEP="1", FAULT_NAN_RANK="1")
-    proc = subprocess.run(
-        [sys.executable, "bench/fault_child.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "status=ok" in proc.stdout.splitlines()
+    out = train_subprocess(args, 600, "bench/fault_child.py", FAULT_NAN_STEP="1", FAULT_NAN_RANK="1")
+    assert out["status"] == "ok"
     meta = torch.load(
         run_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True, map_location="cpu"
     )
