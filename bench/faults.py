@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -297,11 +297,12 @@ def run_trial(
         notes.append(f"trial {trial}: sample keys differ from the uninterrupted run at steps {bad[:10]}")
     ref_summary = _summary(ref_dir)
     # the faults of both runs: a skipped step, skipped samples, and the run goes on
-    skipped_ok = ref_summary.get("status") == "ok" and _skipped_steps(run_dir) == _skipped_steps(ref_dir) >= 1
-    corrupt_ok = finished and _skipped_samples(run_dir) > 0
+    (run_steps, reasons), (ref_steps_skipped, _) = _skips(run_dir), _skips(ref_dir)
+    skipped_ok = ref_summary.get("status") == "ok" and run_steps == ref_steps_skipped >= 1
+    corrupt_ok = finished and sum(reasons.values()) > 0
     ok["nan"] = skipped_ok and finished
     ok["corrupt_data"] = corrupt_ok
-    notes.append(f"trial {trial}: skipped samples by reason {_skipped_reasons(run_dir)}")
+    notes.append(f"trial {trial}: skipped samples by reason {reasons}")
     if not skipped_ok:
         notes.append(f"trial {trial}: the non-finite step at {nan_step} was not skipped alike in both runs")
     trial_ok = finished and same
@@ -309,26 +310,16 @@ def run_trial(
     return survived, len(ok), lost, duplicated, notes
 
 
-def _last_ckpt(run_dir: Path) -> Optional[dict]:
+def _skips(run_dir: Path) -> Tuple[int, Dict[str, int]]:
+    """Skipped optimizer steps (-1 without a checkpoint) and skipped samples by reason, as the
+    run's ``last.ckpt`` holds them (one read)."""
     import torch
 
     path = run_dir / "checkpoints" / "last.ckpt"
-    return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
-
-
-def _skipped_steps(run_dir: Path) -> int:
-    ckpt = _last_ckpt(run_dir)
-    return int(ckpt["callbacks"]["NonFiniteGuard"]["skipped"]) if ckpt else -1
-
-
-def _skipped_reasons(run_dir: Path) -> Dict[str, int]:
-    ckpt = _last_ckpt(run_dir)
-    return dict(ckpt.get("data_skipped_by_reason", {})) if ckpt else {}
-
-
-def _skipped_samples(run_dir: Path) -> int:
-    ckpt = _last_ckpt(run_dir)
-    return int(ckpt.get("data_skipped", 0)) if ckpt else 0
+    if not path.exists():
+        return -1, {}
+    ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    return int(ckpt["callbacks"]["NonFiniteGuard"]["skipped"]), dict(ckpt.get("data_skipped_by_reason", {}))
 
 
 def main() -> int:
