@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lit_bluelm.checkpoint_io import recover_swap, remove_stale_temporaries, swap_in_folder
+from lit_bluelm.checkpoint_io import remove_stale_temporaries, swap_in_folder
 from lit_bluelm.status import Diverged, Preempted
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ class LastCheckpoint(Callback):
         self._saving = True
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(path.parent)  # left by a kill during an earlier save
-            recover_swap(path)
+            # left by a kill during an earlier save; repairs an interrupted folder swap too
+            remove_stale_temporaries(path.parent)
         if folders:
             trainer.strategy.barrier("last_checkpoint_prepare")
             trainer.save_checkpoint(tmp, weights_only=False)  # every rank; ends with a barrier
