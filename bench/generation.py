@@ -38,7 +38,7 @@ from lit_bluelm.config import load_config  # noqa: E402
 from lit_bluelm.generation import GenerationConfig, Generator, Prompt, build_prompt  # noqa: E402
 from lit_bluelm.models import build_model  # noqa: E402
 from lit_bluelm.modules.optim import build_optimizer  # noqa: E402
-from lit_bluelm.objectives import next_token_head_loss  # noqa: E402
+from lit_bluelm.objectives import Chunking, next_token_head_loss  # noqa: E402
 from lit_bluelm.processor import BlueLMProcessor  # noqa: E402
 from lit_bluelm.trainer import attach_tokenizer, quiet_known_warnings  # noqa: E402
 
@@ -68,7 +68,7 @@ def train_tiny(steps: int, device: str):
     stream = iter(data.train_dataloader())
     for _ in range(steps):
         batch = next(stream)
-        head_fn = next_token_head_loss(batch["labels"].to(device), cfg.loss.chunk_size)
+        head_fn = next_token_head_loss(batch["labels"].to(device), Chunking.of(cfg.loss))
         loss = model(
             batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), head_fn=head_fn
         ).loss

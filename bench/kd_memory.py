@@ -1,12 +1,13 @@
 """Peak memory of one CE + KD forward/backward, chunked vs naive, measured side by side.
 
-    python bench/kd_memory.py [--tokens 4096] [--vocab 151936] [--hidden 2560] [--chunk-size 256]
+    python bench/kd_memory.py [--tokens 4096] [--vocab 151936] [--hidden 2560] [--chunk-size N|auto]
 
 Both variants run the project's loss code (``lit_bluelm.objectives.distill``) on the same
 shapes: student and teacher hidden states [tokens, hidden], output weights [vocab, hidden], a
 temperature of 2, backward into the student's hidden states and output weight.
   * naive: ``naive_distill_loss``, full float32 logits of student and teacher;
-  * chunked: ``distill_linear_loss``, ``--chunk-size`` tokens at a time.
+  * chunked: ``distill_linear_loss`` at the default ``loss`` settings (``loss.chunk_size`` and
+    ``loss.chunk_memory_mb``, the ones ``bench/step_speed.py`` times), or ``--chunk-size``.
 The figure is the peak of memory allocated during the forward/backward, above what the inputs
 already hold (the weights and hidden states exist in any training step). On a GPU it comes from
 the CUDA allocator (``torch.cuda.max_memory_allocated``). On CPU the naive peak alone would
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lit_bluelm.objectives import Head, KDOptions, distill_linear_loss, naive_distill_loss  # noqa: E402
+from lit_bluelm.config import load_config  # noqa: E402
+from lit_bluelm.objectives import Chunking, Head, KDOptions, distill_linear_loss, naive_distill_loss  # noqa: E402
 
 GIB = 2**30
 
@@ -43,7 +45,7 @@ def _inputs(args, device: str) -> Tuple[torch.Tensor, ...]:
     return hidden, weight, t_hidden, t_weight, targets
 
 
-def _step(variant: str, inputs, chunk_size: int) -> None:
+def _step(variant: str, inputs, chunk_size: Chunking) -> None:
     hidden, weight, t_hidden, t_weight, targets = inputs
     opts = KDOptions(alpha=0.5, temperature=2.0)
     if variant == "naive":
@@ -87,12 +89,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=2560, help="hidden size (bluelm_3b: 2560)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="loss.chunk_size (default: its default)")
+    parser.add_argument("--chunk-size", default=None, help="loss.chunk_size (default: the config's)")
     args = parser.parse_args()
+    overrides = [f"loss.chunk_size={args.chunk_size}"] if args.chunk_size is not None else []
+    loss = load_config(overrides).loss
+    args.chunk_size = Chunking.of(loss)
     cuda = torch.cuda.is_available()
     measure = peak_cuda if cuda else peak_fake
     how = "CUDA allocator" if cuda else "MemTracker on fake tensors (CPU)"
-    print(f"tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} chunk_size={args.chunk_size}; {how}")
+    print(
+        f"tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} loss.chunk_size={loss.chunk_size} "
+        f"loss.chunk_memory_mb={loss.chunk_memory_mb}; {how}"
+    )
     peaks = {}
     for variant in ("naive", "chunked"):
         with torch.random.fork_rng() if cuda else nullcontext():

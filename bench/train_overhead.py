@@ -37,7 +37,7 @@ from lit_bluelm.config import load_config, to_container  # noqa: E402
 from lit_bluelm.models import build_model  # noqa: E402
 from lit_bluelm.modules import NextTokenModule  # noqa: E402
 from lit_bluelm.modules.optim import build_optimizer  # noqa: E402
-from lit_bluelm.objectives import next_token_head_loss  # noqa: E402
+from lit_bluelm.objectives import Chunking, next_token_head_loss  # noqa: E402
 from lit_bluelm.trainer import attach_tokenizer, build_trainer, quiet_known_warnings  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def run_raw(cfg, batches, warmup: int) -> List[float]:
     starts = []
     for batch in batches:
         starts.append(time.perf_counter())
-        head_fn = next_token_head_loss(batch["labels"], cfg.loss.chunk_size)
+        head_fn = next_token_head_loss(batch["labels"], Chunking.of(cfg.loss))
         loss = model(batch["input_ids"], pixel_values=batch["pixel_values"], head_fn=head_fn).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)

@@ -28,7 +28,7 @@ from lit_bluelm.models.llm import llm_config
 from lit_bluelm.models.prune import check_prunable, measure_importance, prune_into, reduce_importance
 from lit_bluelm.modules.base import Batch
 from lit_bluelm.modules.next_token import NextTokenModule
-from lit_bluelm.objectives import Head, KDOptions, distill_head_loss
+from lit_bluelm.objectives import Chunking, Head, KDOptions, distill_head_loss
 from lit_bluelm.parallel import compute_dtype
 from lit_bluelm.tokenizer import load_tokenizer
 
@@ -118,7 +118,7 @@ class DistillModule(NextTokenModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         head_fn = distill_head_loss(
             batch["labels"],
-            self.cfg.loss.chunk_size,
+            Chunking.of(self.cfg.loss),
             self.teacher_hidden(batch),
             self.teacher_head(),
             self.kd,

@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lit_bluelm.modules.base import Batch, BlueLMModule
-from lit_bluelm.objectives import LossParts, next_token_head_loss, row_ce_sums
+from lit_bluelm.objectives import Chunking, LossParts, next_token_head_loss, row_ce_sums
 
 
 class NextTokenModule(BlueLMModule):
@@ -39,7 +39,7 @@ class NextTokenModule(BlueLMModule):
 
     def lm_loss(self, batch: Batch) -> LossParts:
         """Next-token CE of a batch, in chunks of ``loss.chunk_size`` tokens (no full logits)."""
-        return self.forward_loss(batch, next_token_head_loss(batch["labels"], self.cfg.loss.chunk_size))
+        return self.forward_loss(batch, next_token_head_loss(batch["labels"], Chunking.of(self.cfg.loss)))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         parts = self.lm_loss(batch)
@@ -48,7 +48,7 @@ class NextTokenModule(BlueLMModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """The model's next-token CE, overall and per source (``val/loss``, ``val/loss/<source>``)."""
-        chunk = self.cfg.loss.chunk_size
+        chunk = Chunking.of(self.cfg.loss)
         sums, counts = self.forward_loss(
             batch, lambda hidden, head: row_ce_sums(hidden, head, batch["labels"], chunk)
         )

@@ -1,7 +1,8 @@
 """Loss math on tensors only: no Lightning, no model building.
 
 ``linear_loss``: the chunked output projection any loss runs through; ``lm``: next-token CE;
-``distill``: CE + logit distillation and the ``distill`` config section.
+``distill``: CE + logit distillation and the ``distill`` config section; ``token_logprobs``:
+per-token log-probabilities and entropies of given tokens (RL, scoring).
 """
 
 from lit_bluelm.objectives.distill import (
@@ -12,6 +13,7 @@ from lit_bluelm.objectives.distill import (
     naive_distill_loss,
 )
 from lit_bluelm.objectives.linear_loss import (
+    Chunking,
     ChunkLoss,
     Head,
     LossConfig,
@@ -19,20 +21,31 @@ from lit_bluelm.objectives.linear_loss import (
     naive_linear_loss,
 )
 from lit_bluelm.objectives.lm import LossParts, next_token_head_loss, next_token_loss, row_ce_sums
+from lit_bluelm.objectives.token_logprobs import (
+    TokenLogprobs,
+    naive_token_logprobs,
+    per_token_loss,
+    token_logprobs,
+)
 
 __all__ = [
     "ChunkLoss",
+    "Chunking",
     "DistillConfig",
     "Head",
     "KDOptions",
     "LossConfig",
     "LossParts",
+    "TokenLogprobs",
     "chunked_linear_loss",
     "distill_head_loss",
     "distill_linear_loss",
     "naive_distill_loss",
     "naive_linear_loss",
+    "naive_token_logprobs",
     "next_token_head_loss",
     "next_token_loss",
+    "per_token_loss",
     "row_ce_sums",
+    "token_logprobs",
 ]

@@ -17,8 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from lit_bluelm.errors import ConfigError, at_least, choice, in_range
-from lit_bluelm.objectives.linear_loss import Head, chunked_linear_loss, naive_linear_loss
-from lit_bluelm.objectives.lm import LossParts, TokenCE, shift_and_select, token_ce
+from lit_bluelm.objectives.linear_loss import (
+    ChunkSize,
+    Head,
+    Scratch,
+    chunked_linear_loss,
+    naive_linear_loss,
+    row_dot,
+)
+from lit_bluelm.objectives.lm import LossParts, TokenCE, ce_grad_, shift_and_select, token_ce
 
 
 @dataclass
@@ -102,6 +109,8 @@ def kd_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions) 
 class CEWithKD:
     """A ChunkLoss: statistics [CE sum, KD sum]; the teacher's logits are made per chunk."""
 
+    buffers = 3  # student logits, teacher logits, one scratch
+
     def __init__(
         self, targets: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: Head, opts: KDOptions
     ):
@@ -121,6 +130,94 @@ class CEWithKD:
         return (self.opts.alpha * stats[0] + (1.0 - self.opts.alpha) * stats[1]) / max(
             self.targets.shape[0], 1
         )
+
+    def fused_(self, z: torch.Tensor, rows: slice, grad: bool, scratch: Scratch) -> torch.Tensor:
+        """:meth:`sums` and the gradient of :meth:`combine` in place of ``z``, written out:
+        d CE / dz = softmax(z) - onehot; with q = softmax(z / T), p the teacher's, T^2 KL(p||q)
+        gives T (q - p) and T^2 KL(q||p) gives T q (log q - log p - KL) (top-k: on the teacher's
+        support, see :func:`kd_sum`)."""
+        n, opts = z.shape[0], self.opts
+        t = opts.temperature
+        targets = self.targets[rows]
+        u = self.teacher_head.project_(scratch.get(1, n), self.teacher_hidden[rows])
+        picked = z.gather(1, targets[:, None]).squeeze(1)
+        top = z.amax(1, keepdim=True)
+        b = z.sub_(top).div_(t)  # student logits / T, max 0 (so exp(T b) = exp(z - max))
+        scale = 1.0 / max(self.targets.shape[0], 1)
+        w_ce, w_kd = opts.alpha * scale, (1.0 - opts.alpha) * scale * t  # d combine / d (CE, KD/T)
+        if opts.top_k is None:
+            kl, e_b, g_kd = _full_kd_(b, u, scratch.get(2, n), t, opts.reverse)
+        else:
+            kl, e_b, g_kd = _top_k_kd_(b, u, scratch.get(2, n), t, opts)
+        # CE needs exp(z - max) = exp(T b): the student's exp at T = 1 exists already
+        e = e_b if t == 1.0 and e_b is not None else b.mul_(t).exp_()
+        sums = e.sum(1)
+        ce = top.squeeze(1) + sums.log() - picked
+        stats = torch.stack([ce.sum(), kl.sum() * (t * t)])
+        if not grad:
+            return stats
+        if e is not z:
+            z.copy_(e)
+        ce_grad_(z, sums, targets, w_ce)
+        g_kd(z, w_kd)
+        return stats
+
+
+def _full_kd_(b, u, s, t, reverse):
+    """KL rows [n] over the whole vocabulary from student ``b`` = z / T - max (kept) and teacher
+    logits ``u`` and scratch ``s`` (both overwritten). Returns (KL rows, exp(b) if it is kept
+    in a buffer else None, ``add(g, weight)``: adds ``weight`` x d KL / d b to ``g``)."""
+    a = u.sub_(u.amax(1, keepdim=True)).div_(t)  # teacher logits / T, max 0
+    log_st = torch.exp(a, out=s).sum(1).log()  # s = exp(a)
+    if not reverse:  # KL(p || q) = sum p (a - b) - log St + log Ss; d / db = q - p
+        dot = row_dot(s, a.sub_(b))  # sum exp(a) (a - b)
+        e_b = torch.exp(b, out=u)
+        sum_b = e_b.sum(1)
+        kl = dot / log_st.exp() - log_st + sum_b.log()
+
+        def add(g, weight):
+            g.addcmul_(e_b, (weight / sum_b)[:, None])
+            g.addcmul_(s, (-weight / log_st.exp())[:, None])
+
+        return kl, e_b, add
+    # KL(q || p) = sum q (b - a) - log Ss + log St; d / db = q (b - a - log Ss + log St - KL)
+    r = torch.sub(b, a, out=u)
+    e_b = torch.exp(b, out=s)
+    sum_b = e_b.sum(1)
+    kl = row_dot(e_b, r) / sum_b - sum_b.log() + log_st
+
+    def add(g, weight):
+        r.add_((log_st - sum_b.log() - kl)[:, None]).mul_(e_b)
+        g.addcmul_(r, (weight / sum_b)[:, None])
+
+    return kl, e_b, add
+
+
+def _top_k_kd_(b, u, s, t, opts):
+    """:func:`_full_kd_` with the teacher's ``opts.top_k`` largest logits (renormalised)."""
+    k = min(opts.top_k, u.shape[1])
+    values, index = u.topk(k, dim=1)
+    log_p = F.log_softmax(values / t, dim=1)  # [n, k]
+    p = log_p.exp()
+    b_k = b.gather(1, index)
+    if not opts.reverse:  # q over the whole vocabulary: KL = sum p log p - sum p b_k + log Ss
+        e_b = torch.exp(b, out=s)
+        sum_b = e_b.sum(1)
+        kl = (p * (log_p - b_k)).sum(1) + sum_b.log()
+
+        def add(g, weight):  # d / db = q - p on the support
+            g.addcmul_(e_b, (weight / sum_b)[:, None])
+            g.scatter_add_(1, index, p * -weight)
+
+        return kl, e_b, add
+    log_q = F.log_softmax(b_k, dim=1)  # the student renormalised over the support
+    q = log_q.exp()
+    kl = (q * (log_q - log_p)).sum(1)
+
+    def add(g, weight):  # d / db_k = q (log q - log p - KL)
+        g.scatter_add_(1, index, q * (log_q - log_p - kl[:, None]) * weight)
+
+    return kl, None, add
 
 
 def _loss_fn(hidden, head, targets, teacher_hidden, teacher_head, opts):
@@ -150,7 +247,7 @@ def distill_linear_loss(
     teacher_hidden: Optional[torch.Tensor] = None,
     teacher_head: Optional[Head] = None,
     opts: KDOptions = KDOptions(),
-    chunk_size: int = 1024,
+    chunk_size: ChunkSize = 1024,
 ) -> LossParts:
     """CE (+ KD) of ``hidden`` [N, D] against ``targets`` [N] (all counted), chunk by chunk.
 
@@ -176,7 +273,11 @@ def naive_distill_loss(
 
 
 def distill_head_loss(
-    labels: torch.Tensor, chunk_size: int, teacher_hidden: torch.Tensor, teacher_head: Head, opts: KDOptions
+    labels: torch.Tensor,
+    chunk_size: ChunkSize,
+    teacher_hidden: torch.Tensor,
+    teacher_head: Head,
+    opts: KDOptions,
 ):
     """A ``head_fn`` for ``BlueLM.forward``: next-token CE + KD against the teacher's final
     hidden states ``teacher_hidden`` [B, T, Dt], chunk by chunk. Returns :class:`LossParts`."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_bluelm.labels import IGNORE_INDEX
-from lit_bluelm.objectives.linear_loss import Head, chunked_linear_loss
+from lit_bluelm.objectives.linear_loss import ChunkSize, Head, Scratch, chunked_linear_loss, exp_shifted_
 
 
 class LossParts(NamedTuple):
@@ -49,6 +49,8 @@ def shift_and_select(labels: torch.Tensor, *hidden: torch.Tensor) -> Tuple[torch
 class TokenCE:
     """A :class:`~lit_bluelm.objectives.linear_loss.ChunkLoss`: mean CE over ``targets`` [N]."""
 
+    buffers = 1
+
     def __init__(self, targets: torch.Tensor) -> None:
         self.targets = targets
 
@@ -58,15 +60,58 @@ class TokenCE:
     def combine(self, stats: torch.Tensor) -> torch.Tensor:
         return stats[0] / max(self.targets.shape[0], 1)
 
+    def fused_(self, z: torch.Tensor, rows: slice, grad: bool, scratch: Scratch) -> torch.Tensor:
+        targets = self.targets[rows]
+        ce, sums = ce_(z, targets)
+        if grad:  # (softmax - one-hot) / N
+            ce_grad_(z, sums, targets, 1.0 / max(self.targets.shape[0], 1))
+        return ce.sum()[None]
 
-def ce_parts(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_size: int) -> LossParts:
+
+def ce_(z: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token CE [n] of float32 logits ``z`` [n, V], which become ``exp(z - max)``; also
+    returns their row sums [n] (the softmax is ``z / sums``)."""
+    picked = z.gather(1, targets[:, None]).squeeze(1)
+    lse, sums = exp_shifted_(z)
+    return lse - picked, sums
+
+
+def ce_grad_(e: torch.Tensor, sums: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (softmax - one-hot(targets))`` in place of ``e = exp(z - max)`` with row sums ``sums``."""
+    e.mul_((scale / sums)[:, None])
+    return e.scatter_add_(1, targets[:, None], e.new_full((e.shape[0], 1), -scale))
+
+
+class RowCE:
+    """A ChunkLoss (statistics only): summed CE [B] per batch row ``row_of`` [N] of ``targets``."""
+
+    buffers = 1
+
+    def __init__(self, targets: torch.Tensor, row_of: torch.Tensor, batch: int) -> None:
+        self.targets, self.row_of, self.batch = targets, row_of, batch
+
+    def _per_row(self, ce: torch.Tensor, rows: slice) -> torch.Tensor:
+        return ce.new_zeros(self.batch).index_add_(0, self.row_of[rows], ce)
+
+    def sums(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        return self._per_row(token_ce(logits, self.targets[rows]), rows)
+
+    def combine(self, stats: torch.Tensor) -> torch.Tensor:
+        return stats.sum()
+
+    def fused_(self, z: torch.Tensor, rows: slice, grad: bool, scratch: Scratch) -> torch.Tensor:
+        assert not grad, "RowCE is for validation"
+        return self._per_row(ce_(z, self.targets[rows])[0], rows)
+
+
+def ce_parts(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_size: ChunkSize) -> LossParts:
     """Chunked mean CE of ``hidden`` [N, D] against ``targets`` [N] (all counted)."""
     loss, stats = chunked_linear_loss(hidden, head, TokenCE(targets), chunk_size)
     n = hidden.shape[0]
     return LossParts(loss, stats[0] / max(n, 1), stats.new_zeros(()), torch.tensor(n, device=hidden.device))
 
 
-def next_token_head_loss(labels: torch.Tensor, chunk_size: int):
+def next_token_head_loss(labels: torch.Tensor, chunk_size: ChunkSize):
     """A ``head_fn`` for ``BlueLM.forward``: next-token CE of the final hidden states, computed
     chunk by chunk. Returns :class:`LossParts`."""
 
@@ -79,19 +124,15 @@ def next_token_head_loss(labels: torch.Tensor, chunk_size: int):
 
 @torch.no_grad()
 def row_ce_sums(
-    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: ChunkSize
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token CE and counted tokens per row ([B] each), chunk by chunk, no gradients
     (validation: per-source losses from one forward)."""
     b, t = labels.shape
     row_ids = torch.arange(b, device=labels.device)[:, None, None].expand(b, t, 1)
-    flat_targets, flat_hidden, rows = shift_and_select(labels, hidden, row_ids)
+    targets, flat_hidden, rows = shift_and_select(labels, hidden, row_ids)
     rows = rows.squeeze(-1)
-    proj = Head(head.weight, head.bias)
-    sums = torch.zeros(b, dtype=torch.float32, device=hidden.device)
-    for start in range(0, flat_targets.shape[0], chunk_size):
-        stop = start + chunk_size
-        sums.index_add_(
-            0, rows[start:stop], token_ce(proj.logits(flat_hidden[start:stop]), flat_targets[start:stop])
-        )
+    _, sums = chunked_linear_loss(
+        flat_hidden, Head(head.weight, head.bias), RowCE(targets, rows, b), chunk_size
+    )
     return sums, torch.bincount(rows, minlength=b)
