@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_overhead.py
 	$(BIN)/python bench/kd_memory.py
+	$(BIN)/python bench/step_speed.py
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/generation.py

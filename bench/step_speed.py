@@ -1,6 +1,6 @@
 """Step time of the chunked output-head path against full logits, measured side by side.
 
-    python bench/step_speed.py [--repeats 2] [--head-tokens 384] [--keep-freed-memory] [--quick]
+    python bench/step_speed.py [--repeats 2] [--head-tokens 256] [--keep-freed-memory] [--quick]
 
 Per LLM shape, one fwd + bwd + AdamW step of the LLM alone on the same weights, tokens and
 optimizer, float32, alternating between:
@@ -227,7 +227,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up")
-    parser.add_argument("--head-tokens", type=int, default=384, help="tokens of the head-only comparisons")
+    parser.add_argument("--head-tokens", type=int, default=256, help="tokens of the head-only comparisons")
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="malloc keeps freed memory (see above)"
     )
