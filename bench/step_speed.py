@@ -155,8 +155,8 @@ def step_ratio(name: str, shape, chunk: Chunking, repeats: int, rate: float) -> 
 
 
 def head_ratios(chunk: Chunking, tokens: int, repeats: int) -> None:
-    # a warm-up on 64 tokens (every code path once), then the timed rounds on all of them
-    for n in sorted({64, tokens}):
+    # a warm-up on 16 tokens (every code path once), then the timed rounds on all of them
+    for n in sorted({16, tokens}):
         _head_ratios(chunk, n, repeats, report=n == tokens)
 
 
@@ -255,7 +255,7 @@ def main() -> None:
         ratio = step_ratio(name, shape, chunk, repeats, rate)
         if shape[-1]:
             ratios[name] = ratio
-    head_ratios(chunk, 64 if args.quick else args.head_tokens, repeats)
+    head_ratios(chunk, 16 if args.quick else args.head_tokens, repeats)
     print(f"took={time.perf_counter() - began:.0f}s", flush=True)
     if ratios:
         print(f"step_vs_transformers_max={max(ratios.values()):.3f}")
