@@ -28,7 +28,7 @@ logit gradient and the chunk's hidden states; the first chunk writes it, nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, NamedTuple, Optional, Protocol, Tuple, Union
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +246,30 @@ class GradSinks:
         return h, w.to(dtypes[0]) if w is not None else None, b.to(dtypes[1]) if b is not None else None
 
 
+class Chunk(NamedTuple):
+    rows: slice  # the chunk's rows of the whole input
+    hidden: torch.Tensor  # [n, D] in the matmul's dtype
+    logits: torch.Tensor  # [n, V] float32, a Scratch buffer 0 view
+    scratch: Scratch
+
+
+def head_chunks(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows_per_chunk: int, dtype
+) -> Iterator[Tuple[Head, Chunk]]:
+    """Each chunk of ``hidden`` [N, D] with its logits through (``weight``, ``bias``) in
+    ``dtype``, autocast off while the caller works on it; casts happen once, not per chunk.
+    Yields (the cast head, the :class:`Chunk`)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        head = Head(weight.to(dtype), bias.to(dtype) if bias is not None else None)
+        x = hidden.to(dtype)
+        scratch = Scratch(min(rows_per_chunk, max(n, 1)), vocab, hidden.device)
+        for start in range(0, n, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            h = x[rows]
+            yield head, Chunk(rows, h, head.project_(scratch.get(0, h.shape[0]), h), scratch)
+
+
 def needs_of(hidden: torch.Tensor, head: Head) -> Tuple[bool, bool, bool]:
     """Which of hidden, weight, bias need gradients (``ctx.needs_input_grad`` stays True under
     no_grad, so the nodes are told)."""
@@ -261,26 +285,16 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, loss_fn, chunk, needs):
         n, (vocab, _) = hidden.shape[0], weight.shape
-        device = hidden.device
         dtype = compute_dtype(weight)
         wants_grad = any(needs)  # False in validation: statistics only, no gradient buffers
         rows_per_chunk = chunk_rows(chunk, n, vocab, getattr(loss_fn, "buffers", 1))
-        # casts happen once here, not per chunk; autocast is off for the explicit ops
-        with torch.autocast(device.type, enabled=False):
-            head = Head(weight.to(dtype), bias.to(dtype) if bias is not None else None)
-            x = hidden.to(dtype)
-            sinks = GradSinks(hidden, head, needs)
-            scratch = Scratch(min(rows_per_chunk, max(n, 1)), vocab, device)
-            total = None
-            for start in range(0, n, rows_per_chunk):
-                rows = slice(start, start + rows_per_chunk)
-                h = x[rows]
-                z = head.project_(scratch.get(0, h.shape[0]), h)
-                stats = chunk_stats_(loss_fn, z, rows, wants_grad, scratch)
-                if wants_grad:
-                    sinks.add(z, h, head, rows)
-                total = stats if total is None else total + stats
-            del scratch
+        sinks = GradSinks(hidden, Head(weight, bias), needs)
+        total = None
+        for head, c in head_chunks(hidden, weight, bias, rows_per_chunk, dtype):
+            stats = chunk_stats_(loss_fn, c.logits, c.rows, wants_grad, c.scratch)
+            if wants_grad:
+                sinks.add(c.logits, c.hidden, head, c.rows)
+            total = stats if total is None else total + stats
         if total is None:  # no tokens: the statistics of an empty chunk
             total = loss_fn.sums(hidden.new_zeros((0, vocab), dtype=torch.float32), slice(0, 0)).detach()
         # kept on ctx, not saved for backward: backward scales them in place (no second copy of

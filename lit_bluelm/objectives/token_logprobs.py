@@ -32,6 +32,7 @@ from lit_bluelm.objectives.linear_loss import (
     chunk_rows,
     chunked_linear_loss,
     compute_dtype,
+    head_chunks,
     needs_of,
     row_dot,
 )
@@ -108,18 +109,13 @@ class _TokenLogprobs(torch.autograd.Function):
         rows_per_chunk = chunk_rows(chunk, n, vocab, 2 if entropy else 1)
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty_like(logprobs) if entropy else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            head = Head(weight.to(dtype), bias.to(dtype) if bias is not None else None)
-            x = hidden.to(dtype)
-            scratch = Scratch(min(rows_per_chunk, max(n, 1)), vocab, hidden.device)
-            for start in range(0, n, rows_per_chunk):
-                rows = slice(start, start + rows_per_chunk)
-                h = x[rows]
-                z = head.project_(scratch.get(0, h.shape[0]), h)
-                out = _chunk_stats_(z, targets[rows], temperature, entropy, scratch.get(1, h.shape[0]))
-                logprobs[rows] = out.logprobs
-                if entropy:
-                    ent[rows] = out.entropy
+        for _, c in head_chunks(hidden, weight, bias, rows_per_chunk, dtype):
+            out = _chunk_stats_(
+                c.logits, targets[c.rows], temperature, entropy, c.scratch.get(1, c.hidden.shape[0])
+            )
+            logprobs[c.rows] = out.logprobs
+            if entropy:
+                ent[c.rows] = out.entropy
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.settings = (temperature, entropy, rows_per_chunk, dtype, needs)
         if ent is None:
@@ -130,19 +126,14 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent=None):
         hidden, weight, bias, targets = ctx.saved_tensors
         temperature, entropy, rows_per_chunk, dtype, needs = ctx.settings
-        n, vocab = hidden.shape[0], weight.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
-            head = Head(weight.to(dtype), bias.to(dtype) if bias is not None else None)
-            x = hidden.to(dtype)
-            sinks = GradSinks(hidden, head, needs)
-            scratch = Scratch(min(rows_per_chunk, max(n, 1)), vocab, hidden.device)
-            for start in range(0, n, rows_per_chunk):
-                rows = slice(start, start + rows_per_chunk)
-                h = x[rows]
-                z = head.project_(scratch.get(0, h.shape[0]), h)
-                out = _chunk_stats_(z, targets[rows], temperature, entropy, scratch.get(1, h.shape[0]))
-                g_e = g_ent[rows].float() if g_ent is not None else None
-                sinks.add(_grad_(z, out, targets[rows], temperature, g_lp[rows].float(), g_e), h, head, rows)
+        sinks = GradSinks(hidden, Head(weight, bias), needs)
+        for head, c in head_chunks(hidden, weight, bias, rows_per_chunk, dtype):  # logits again
+            t = targets[c.rows]
+            out = _chunk_stats_(c.logits, t, temperature, entropy, c.scratch.get(1, c.hidden.shape[0]))
+            g_e = g_ent[c.rows].float() if g_ent is not None else None
+            sinks.add(
+                _grad_(c.logits, out, t, temperature, g_lp[c.rows].float(), g_e), c.hidden, head, c.rows
+            )
         grad_h, grad_w, grad_b = sinks.scaled(None, (weight.dtype, bias.dtype if bias is not None else None))
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
