@@ -148,7 +148,7 @@ class CEWithKD:
         if opts.top_k is None:
             kl, e_b, g_kd = _full_kd_(b, u, scratch.get(2, n), t, opts.reverse)
         else:
-            kl, e_b, g_kd = _top_k_kd_(b, u, scratch.get(2, n), t, opts)
+            kl, e_b, g_kd = _top_k_kd_(b, u, lambda: scratch.get(2, n), t, opts)
         # CE needs exp(z - max) = exp(T b): the student's exp at T = 1 exists already
         e = e_b if t == 1.0 and e_b is not None else b.mul_(t).exp_()
         sums = e.sum(1)
@@ -193,15 +193,16 @@ def _full_kd_(b, u, s, t, reverse):
     return kl, e_b, add
 
 
-def _top_k_kd_(b, u, s, t, opts):
-    """:func:`_full_kd_` with the teacher's ``opts.top_k`` largest logits (renormalised)."""
+def _top_k_kd_(b, u, spare, t, opts):
+    """:func:`_full_kd_` with the teacher's ``opts.top_k`` largest logits (renormalised);
+    ``spare()`` gives the scratch buffer, which only the forward KL needs."""
     k = min(opts.top_k, u.shape[1])
     values, index = u.topk(k, dim=1)
     log_p = F.log_softmax(values / t, dim=1)  # [n, k]
     p = log_p.exp()
     b_k = b.gather(1, index)
     if not opts.reverse:  # q over the whole vocabulary: KL = sum p log p - sum p b_k + log Ss
-        e_b = torch.exp(b, out=s)
+        e_b = torch.exp(b, out=spare())
         sum_b = e_b.sum(1)
         kl = (p * (log_p - b_k)).sum(1) + sum_b.log()
 

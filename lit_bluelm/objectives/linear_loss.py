@@ -62,8 +62,8 @@ class Chunking:
     """How many tokens a chunk holds: ``size``, or (``size=None``) as many as fit ``memory_mb``
     of float32 logit buffers."""
 
-    size: Optional[int] = 256
-    memory_mb: int = 256
+    size: Optional[int]
+    memory_mb: int = LossConfig.chunk_memory_mb
 
     @classmethod
     def of(cls, section: Any) -> Chunking:
@@ -187,7 +187,7 @@ def chunk_stats_(
     return stats.detach()
 
 
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+def head_dtype(weight: torch.Tensor) -> torch.dtype:
     """The head matmul's dtype: autocast's when it is on (as the model's own head would), else
     the weight's."""
     device = weight.device.type
@@ -285,7 +285,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, loss_fn, chunk, needs):
         n, (vocab, _) = hidden.shape[0], weight.shape
-        dtype = compute_dtype(weight)
+        dtype = head_dtype(weight)
         wants_grad = any(needs)  # False in validation: statistics only, no gradient buffers
         rows_per_chunk = chunk_rows(chunk, n, vocab, getattr(loss_fn, "buffers", 1))
         sinks = GradSinks(hidden, Head(weight, bias), needs)

@@ -31,8 +31,8 @@ from lit_bluelm.objectives.linear_loss import (
     Scratch,
     chunk_rows,
     chunked_linear_loss,
-    compute_dtype,
     head_chunks,
+    head_dtype,
     needs_of,
     row_dot,
 )
@@ -65,16 +65,16 @@ class _Chunk(NamedTuple):
     exp: Optional[torch.Tensor]  # exp(y - max y) [n, V] (with entropy; else it replaced y)
 
 
-def _chunk_stats_(z: torch.Tensor, targets, temperature: float, entropy: bool, spare: torch.Tensor) -> _Chunk:
+def _chunk_stats_(z: torch.Tensor, targets, temperature: float, entropy: bool, scratch: Scratch) -> _Chunk:
     """Per-token log-probs (and entropies) of the logits ``z`` [n, V]; ``z`` becomes
-    y - max y (with ``entropy``, its exp goes to ``spare``) or exp(y - max y) (without)."""
+    y - max y (with ``entropy``, its exp goes to scratch buffer 1) or exp(y - max y) (without)."""
     picked = z.gather(1, targets[:, None]).squeeze(1)
     top = z.amax(1)
     y = z.sub_(top[:, None])
     if temperature != 1.0:
         y.div_(temperature)
     if entropy:
-        e = torch.exp(y, out=spare)
+        e = torch.exp(y, out=scratch.get(1, z.shape[0]))
         sums = e.sum(1)
         log_sums = sums.log()
         ent = log_sums - row_dot(e, y) / sums
@@ -105,14 +105,12 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, entropy, chunk, needs):
         n, (vocab, _) = hidden.shape[0], weight.shape
-        dtype = compute_dtype(weight)
+        dtype = head_dtype(weight)
         rows_per_chunk = chunk_rows(chunk, n, vocab, 2 if entropy else 1)
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty_like(logprobs) if entropy else None
         for _, c in head_chunks(hidden, weight, bias, rows_per_chunk, dtype):
-            out = _chunk_stats_(
-                c.logits, targets[c.rows], temperature, entropy, c.scratch.get(1, c.hidden.shape[0])
-            )
+            out = _chunk_stats_(c.logits, targets[c.rows], temperature, entropy, c.scratch)
             logprobs[c.rows] = out.logprobs
             if entropy:
                 ent[c.rows] = out.entropy
@@ -129,7 +127,7 @@ class _TokenLogprobs(torch.autograd.Function):
         sinks = GradSinks(hidden, Head(weight, bias), needs)
         for head, c in head_chunks(hidden, weight, bias, rows_per_chunk, dtype):  # logits again
             t = targets[c.rows]
-            out = _chunk_stats_(c.logits, t, temperature, entropy, c.scratch.get(1, c.hidden.shape[0]))
+            out = _chunk_stats_(c.logits, t, temperature, entropy, c.scratch)
             g_e = g_ent[c.rows].float() if g_ent is not None else None
             sinks.add(
                 _grad_(c.logits, out, t, temperature, g_lp[c.rows].float(), g_e), c.hidden, head, c.rows
@@ -160,7 +158,15 @@ def naive_token_logprobs(
     hidden: torch.Tensor, head: Head, targets: torch.Tensor, temperature: float = 1.0, entropy: bool = False
 ) -> TokenLogprobs:
     """The same from full ``[N, V]`` logits and plain autograd (reference and benchmark)."""
-    log_p = F.log_softmax(head.logits(hidden) / temperature, dim=-1)
+    return logits_logprobs(head.logits(hidden), targets, temperature, entropy)
+
+
+def logits_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool
+) -> TokenLogprobs:
+    """Per-token log-probs (and entropies) of float32 ``logits`` [N, V] by plain autograd-able
+    ops: the specification the chunked paths are held to."""
+    log_p = F.log_softmax(logits / temperature, dim=-1)
     picked = log_p.gather(-1, targets[:, None]).squeeze(-1)
     return TokenLogprobs(picked, -(log_p.exp() * log_p).sum(-1) if entropy else None)
 
@@ -189,14 +195,11 @@ class PerTokenLoss:
         return stats.sum() if self._combine is None else self._combine(stats)
 
     def sums(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        log_p = F.log_softmax(logits / self.temperature, dim=-1)
-        picked = log_p.gather(-1, self.targets[rows][:, None]).squeeze(-1)
-        ent = -(log_p.exp() * log_p).sum(-1) if self.entropy else None
-        return self.fn(picked, ent, rows)
+        return self.fn(*logits_logprobs(logits, self.targets[rows], self.temperature, self.entropy), rows)
 
     def fused_(self, z: torch.Tensor, rows: slice, grad: bool, scratch: Scratch) -> torch.Tensor:
         targets = self.targets[rows]
-        out = _chunk_stats_(z, targets, self.temperature, self.entropy, scratch.get(1, z.shape[0]))
+        out = _chunk_stats_(z, targets, self.temperature, self.entropy, scratch)
         if not grad:
             return self.fn(out.logprobs, out.entropy, rows)
         lp = out.logprobs.requires_grad_(True)
