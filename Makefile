@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RUNS ?= runs/demo
 
-.PHONY: venv demo test test-fast bench lint format clean
+.PHONY: venv demo demo-seeds readme test test-fast bench lint format clean
 
 $(STAMP): setup.cfg setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ venv: $(STAMP)
 # must beat. FROM=<run> (e.g. FROM=sft) reruns from that stage on, reusing the earlier runs.
 demo: $(STAMP)
 	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) $(if $(FROM),--from $(FROM))
+
+# The stages after the text stage again with 3 seeds (seed and data.seed 1234+k) into
+# $(DEMO_RUNS)_seed<k>/; prints each claim's mean and min over the seeds and adds them to
+# $(DEMO_RUNS)/report.md. Runs the text stages first when they have not run.
+demo-seeds: $(STAMP)
+	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) --seeds 3
+
+# The README's demo section is $(DEMO_RUNS)/report.md, spliced between its markers.
+readme: $(STAMP)
+	$(BIN)/python -m lit_bluelm.report --runs $(DEMO_RUNS) --readme README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

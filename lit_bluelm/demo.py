@@ -1,23 +1,24 @@
 """The demo pipeline: every stage on the tiny model, each from the last, in one process.
 
-    python -m lit_bluelm.demo [--runs runs/demo] [--from RUN] [key=value ...]
+    python -m lit_bluelm.demo [--runs runs/demo] [--from RUN] [--seeds N] [key=value ...]
 
 Runs each stage of :data:`STAGES` as ``train.py`` would with the arguments it prints
 (``$ python train.py ...``), into ``<runs>/<name>``: a larger stage-1
 teacher, the tiny student trained from scratch (the baseline), the student pruned out of the
 teacher and distilled, joint pre-training, the reasoning stage and SFT; then it evaluates the SFT
-checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128) and prints the
-accuracy targets. It ends with the table of ``lit_bluelm.summary`` and exits 1 unless the
-distilled student beats the one trained from scratch and the evaluation meets its deterministic
-targets (think mode opens ``<think>`` on >= 95% of replies, no-think on <= 5%, every reply within
-its budget).
+checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128). It ends with the table
+of ``lit_bluelm.summary`` and the block of claims (:mod:`lit_bluelm.claims`: ``claim ... target
+... measured ... met|missed``), writes ``<runs>/report.md`` (:mod:`lit_bluelm.report`) and exits 1
+when a claim is missed.
 
 ``--from RUN`` (a stage name, or its run folder) reruns from that stage on (each rerun stage's
 folder is emptied first) and reuses the checkpoints of the runs before it, so a change to a late
 stage costs minutes, not the whole pipeline (``--from eval_sft`` reruns only the evaluation).
-``key=value`` arguments are added to every stage (``trainer.max_steps=2`` for a smoke run;
-``data.demo_dir=`` also moves the evaluation's tasks). One process keeps Python's start-up (about
-12 seconds of imports) out of every stage.
+``--seeds N`` (``make demo-seeds``) reruns the stages after the text stage, from ``<runs>/text``,
+with ``seed`` and ``data.seed`` set to 1234 + k into ``<runs>_seed<k>`` (k = 1..N), and prints
+each claim's mean and min over the seeds. ``key=value`` arguments are added to every stage
+(``trainer.max_steps=2`` for a smoke run; ``data.demo_dir=`` also moves the evaluation's tasks).
+One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from lit_bluelm.claims import Claim, Evidence, claims_block, format_failures, judge, over_seeds, seeds_block
 from lit_bluelm.errors import ConfigError
+from lit_bluelm.report import REPORT_JSON, SEEDS_JSON, commit, machine, write_json, write_report
 
 
 @dataclass(frozen=True)
@@ -50,44 +53,15 @@ STAGES: Tuple[Stage, ...] = (
     Stage(
         "text", ("stage=text", f"distill.teacher={_last('text_teacher')}", "distill.init_from_teacher=true")
     ),
-    Stage("joint", ("stage=joint", f"init_from={_last('text')}")),
+    Stage("joint", ("stage=joint", "init_from={base}/text/checkpoints/last.ckpt")),
     Stage("reasoning", ("stage=reasoning", f"init_from={_last('joint')}")),
     Stage("sft", ("stage=sft", f"init_from={_last('reasoning')}")),
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
+TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the ones after them
 EVAL = "eval_sft"  # the SFT checkpoint evaluated on the demo tasks, into <runs>/eval_sft
 EVAL_BUDGETS = (0, 8, 32, 128)
-EVAL_TASK = "demo_arith"  # where the accuracy targets are stated
-TARGET_GAIN = 0.10  # think mode at the largest budget over no-think, and over think at budget 0
-
-
-def eval_failures(rows) -> List[str]:
-    """The deterministic targets a demo evaluation must meet (each failure as a line)."""
-    failures = []
-    for r in rows:
-        where = f"{r.task} {r.mode} budget={r.budget}"
-        if r.mode == "think" and r.think_open_rate < 0.95:
-            failures.append(f"{where}: think_open_rate {r.think_open_rate:.3f} < 0.95")
-        if r.mode == "no_think" and r.think_open_rate > 0.05:
-            failures.append(f"{where}: think_open_rate {r.think_open_rate:.3f} > 0.05")
-        if r.within_budget != 1.0:
-            failures.append(f"{where}: within_budget {r.within_budget:.3f} != 1.0")
-    return failures
-
-
-def accuracy_targets(rows) -> List[Tuple[str, float, float, bool]]:
-    """The accuracy targets on ``EVAL_TASK``: (name, gain, its standard error, met)."""
-    task = [r for r in rows if r.task == EVAL_TASK]
-    think = {r.budget: r for r in task if r.mode == "think"}
-    plain = next((r for r in task if r.mode == "no_think"), None)
-    top = think.get(max(EVAL_BUDGETS))
-    out = []
-    for name, base in (("over no_think", plain), ("over think budget 0", think.get(0))):
-        if top is not None and base is not None:
-            gain = top.accuracy - base.accuracy
-            stderr = (top.stderr**2 + base.stderr**2) ** 0.5
-            out.append((f"{EVAL_TASK} think@{max(EVAL_BUDGETS)} {name}", gain, stderr, gain >= TARGET_GAIN))
-    return out
+DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
 
 
 def eval_argv(runs: str, demo_dir: str) -> List[str]:
@@ -101,24 +75,20 @@ def eval_argv(runs: str, demo_dir: str) -> List[str]:
     ]
 
 
-def run_eval(argv: Sequence[str]) -> bool:
-    """Evaluate the SFT checkpoint on every demo task, both modes, the demo budgets; print the
-    targets. False when a deterministic target fails (the accuracy targets are reported)."""
+def run_eval(runs: str, demo_dir: str) -> list:
+    """Evaluate ``<runs>/sft`` on every demo task, both modes, the demo budgets; its rows."""
     from lit_bluelm.evaluate import parse_args, run
 
-    rows = run(parse_args(argv))
-    for name, gain, stderr, met in accuracy_targets(rows):
-        print(
-            f"accuracy target {name}: {gain:+.3f} (stderr {stderr:.3f}), target >= {TARGET_GAIN}: {'met' if met else 'NOT met'}"
-        )
-    failures = eval_failures(rows)
-    for line in failures:
-        print(f"error: {line}", file=sys.stderr)
-    return not failures
+    argv = eval_argv(runs, demo_dir)
+    print(f"\n$ python -m lit_bluelm.evaluate {' '.join(argv)}", flush=True)
+    return run(parse_args(argv))
 
 
-def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = ()) -> List[str]:
-    return [a.format(runs=runs) for a in stage.args] + [f"run_dir={runs}/{stage.name}", *extra]
+def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = (), base: Optional[str] = None) -> List[str]:
+    """``train.py`` arguments of ``stage`` in ``runs``; ``{base}`` (the text stage's folder,
+    ``runs`` itself unless given) is where the joint stage starts from."""
+    args = [a.format(runs=runs, base=base or runs) for a in stage.args]
+    return args + [f"run_dir={runs}/{stage.name}", *extra]
 
 
 def first_stage(start: Optional[str], runs: str) -> int:
@@ -147,53 +117,142 @@ def first_stage(start: Optional[str], runs: str) -> int:
     return index
 
 
+def run_stages(stages: Sequence[Stage], runs: str, extra: Sequence[str], base: Optional[str] = None):
+    """Train ``stages`` in order, each as ``train.py`` would; (seconds by stage, exit code or 0).
+    The pipeline stops at a stage that did not end ok: the next must not start from it."""
+    from lit_bluelm.config import load_config
+    from lit_bluelm.status import EXIT_CODES
+    from lit_bluelm.trainer import fit_stage
+
+    seconds: Dict[str, float] = {}
+    for stage in stages:
+        stage_args = stage_argv(stage, runs, extra, base)
+        print(f"\n$ python train.py {' '.join(stage_args)}", flush=True)
+        shutil.rmtree(Path(runs) / stage.name, ignore_errors=True)  # a rerun starts clean
+        began = time.time()
+        status = fit_stage(load_config(stage_args))["status"]  # what train.py runs
+        seconds[stage.name] = time.time() - began
+        print(f"{stage.name}: {seconds[stage.name]:.0f}s", flush=True)
+        if status != "ok":
+            print(
+                f"error: stage {stage.name} ended with status={status}; the pipeline stops here "
+                f"(rerun it with `make demo FROM={stage.name}`)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return seconds, EXIT_CODES[status]
+    return seconds, 0
+
+
+def evidence(runs: str, stages: Sequence[Stage], rows: list) -> Evidence:
+    from lit_bluelm.summary import load_summary
+
+    return Evidence({s.name: load_summary(f"{runs}/{s.name}") for s in stages}, list(rows))
+
+
+def report_claims(claims: Sequence[Claim], rows: list) -> None:
+    for line in format_failures(rows):
+        print(f"error: {line}", file=sys.stderr)
+    print("\n" + claims_block(claims), flush=True)
+
+
+def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> int:
+    """``make demo``: the stages from ``start`` on, the evaluation, the table, the claims and
+    ``<runs>/report.md``; 0 when every claim is met, 1 when one is missed."""
+    from lit_bluelm.summary import check_better, print_table
+
+    previous = Path(runs) / REPORT_JSON  # the times of stages that --from does not rerun
+    seconds = json.loads(previous.read_text()).get("seconds", {}) if start and previous.is_file() else {}
+    ran, code = run_stages(STAGES[start:], runs, overrides)
+    seconds.update(ran)
+    if code:
+        return code
+    began = time.time()
+    rows = run_eval(runs, demo_dir)
+    seconds[EVAL] = time.time() - began
+    print(f"{EVAL}: {seconds[EVAL]:.0f}s\n", flush=True)
+    print_table([f"{runs}/{s.name}" for s in STAGES])
+    check_better(*(f"{runs}/{name}" for name in BETTER))
+    claims = judge(evidence(runs, STAGES, rows))
+    report_claims(claims, rows)
+    record = {
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "runs": [f"{runs}/{s.name}" for s in STAGES],
+        "eval": f"{runs}/{EVAL}",
+        "seconds": {name: round(sec, 1) for name, sec in seconds.items()},
+        "claims": [asdict(c) for c in claims],
+    }
+    write_json(Path(runs) / REPORT_JSON, record)
+    print(f"report={write_report(runs)}")
+    return 0 if all(c.met for c in claims) else 1
+
+
+def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str) -> int:
+    """``make demo-seeds``: the stages after the text stage (started from ``<runs>/text``, trained
+    first when it has not finished) with ``n`` seeds into ``<runs>_seed<k>``; the claims of each
+    seed, then each claim's mean and min over the seeds. 0 when every claim is met."""
+    try:
+        first_stage(STAGES[TEXT_STAGES].name, runs)
+    except ConfigError:
+        _, code = run_stages(STAGES[:TEXT_STAGES], runs, overrides)
+        if code:
+            return code
+    began_all = time.time()
+    seeds = [DEFAULT_SEED + k for k in range(1, n + 1)]
+    per_seed: List[Evidence] = []
+    for k, seed in enumerate(seeds, start=1):
+        folder = f"{runs}_seed{k}"
+        extra = [*overrides, f"seed={seed}", f"data.seed={seed}"]
+        _, code = run_stages(STAGES[TEXT_STAGES:], folder, extra, base=runs)
+        if code:
+            return code
+        ev = evidence(folder, STAGES[TEXT_STAGES:], run_eval(folder, demo_dir))
+        per_seed.append(ev)
+        print(f"\nseed {seed} ({folder}):")
+        report_claims(judge(ev), ev.rows)
+    claims = over_seeds(per_seed)
+    print("\n" + seeds_block(claims, seeds), flush=True)
+    record = {
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seeds": seeds,
+        "folders": [f"{runs}_seed{k}" for k in range(1, n + 1)],
+        "seconds": round(time.time() - began_all, 1),
+        "claims": [asdict(c) for c in claims],
+        "per_seed": [[asdict(c) for c in judge(ev)] for ev in per_seed],
+    }
+    write_json(Path(runs) / SEEDS_JSON, record)
+    if (Path(runs) / REPORT_JSON).is_file():
+        print(f"report={write_report(runs)}")
+    return 0 if all(c.met for c in claims) else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", default="runs/demo", help="folder of the runs (default: runs/demo)")
     parser.add_argument("--from", dest="start", metavar="RUN", help="rerun from this stage on")
+    parser.add_argument(
+        "--seeds", type=int, metavar="N", help="rerun the stages after the text stage with N seeds"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="added to every stage")
     args = parser.parse_args(argv)
-
-    from lit_bluelm.config import load_config
-    from lit_bluelm.status import EXIT_CODES
-    from lit_bluelm.summary import check_better, print_table
-    from lit_bluelm.trainer import fit_stage
-
     runs = args.runs.rstrip("/")
+    demo_dir = next(
+        (a.split("=", 1)[1] for a in args.overrides if a.startswith("data.demo_dir=")), "data/demo"
+    )
     try:
-        start = first_stage(args.start, runs)
-        for stage in STAGES[start:]:
-            stage_args = stage_argv(stage, runs, args.overrides)
-            print(f"\n$ python train.py {' '.join(stage_args)}", flush=True)
-            shutil.rmtree(Path(runs) / stage.name, ignore_errors=True)  # a rerun starts clean
-            began = time.time()
-            status = fit_stage(load_config(stage_args))["status"]  # what train.py runs
-            print(f"{stage.name}: {time.time() - began:.0f}s", flush=True)
-            if status != "ok":  # the next stage must not start from a stopped one
-                print(
-                    f"error: stage {stage.name} ended with status={status}; the pipeline stops here "
-                    f"(rerun it with `make demo FROM={stage.name}`)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return EXIT_CODES[status]
-        demo_dir = next(
-            (a.split("=", 1)[1] for a in args.overrides if a.startswith("data.demo_dir=")), "data/demo"
-        )
-        argv_eval = eval_argv(runs, demo_dir)
-        print(f"\n$ python -m lit_bluelm.evaluate {' '.join(argv_eval)}", flush=True)
-        began = time.time()
-        evaluated = run_eval(argv_eval)
-        print(f"{EVAL}: {time.time() - began:.0f}s", flush=True)
+        if args.seeds is not None:
+            if args.seeds < 1 or args.start:
+                raise ConfigError("--seeds: a number >= 1, without --from")
+            return seed_runs(runs, args.seeds, args.overrides, demo_dir)
+        return pipeline(runs, first_stage(args.start, runs), args.overrides, demo_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print()
-    print_table([f"{runs}/{s.name}" for s in STAGES])
-    better = check_better(*(f"{runs}/{name}" for name in BETTER))
-    return 0 if better and evaluated else 1
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import pytest
 
 from datamodules.demo import DemoSpec, write_demo
 from lit_bluelm import demo
+from lit_bluelm.claims import CLAIMS
 from lit_bluelm.errors import ConfigError
-from lit_bluelm.evaluation import Row
 
 # the stage yamls read 8 train and 4 val shards of each source
 TINY = DemoSpec(train_per_shard=6, val_per_shard=4, eval_items=4)
@@ -34,10 +34,17 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     results = json.loads((runs / demo.EVAL / "results.json").read_text())["results"]
     assert {r["task"] for r in results} == {"demo_arith", "demo_count", "demo_color"}
     assert all(r["n"] == TINY.eval_items for r in results)
-    rows = [Row(**r) for r in results]
-    assert rc == (0 if distilled < scratch and not demo.eval_failures(rows) else 1)
+    report = json.loads((runs / "report.json").read_text())
+    claims = {c["name"]: c for c in report["claims"]}
+    assert claims["text: distilled val/loss < scratch's"]["met"] == (distilled < scratch)
+    assert len(claims) == len(CLAIMS)  # the whole pipeline holds evidence for every claim
+    assert rc == (0 if all(c["met"] for c in claims.values()) else 1)
+    assert set(report["seconds"]) == {s.name for s in demo.STAGES} | {demo.EVAL}
     assert (runs / demo.EVAL / "accuracy_vs_budget.png").is_file()
+    md = (runs / "report.md").read_text()
+    assert report["commit"] in md and "Claims:" in md and "demo_arith     think" in md
     out = capsys.readouterr().out
+    assert "claim " in out and "result" in out and f"report={runs / 'report.md'}" in out
     for stage in demo.STAGES:
         assert f"$ python train.py {' '.join(demo.stage_argv(stage, str(runs), args[2:]))}" in out
         assert summaries[stage.name]["global_step"] == 2
@@ -54,6 +61,23 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     assert (runs / "sft" / "summary.json").stat().st_mtime_ns > sft_summary
     out = capsys.readouterr().out
     assert "$ python train.py stage=sft" in out and "stage=joint" not in out
+    # the times of the stages --from reused are kept in the report
+    assert set(json.loads((runs / "report.json").read_text())["seconds"]) == set(report["seconds"])
+
+    # one more seed of the stages after the text stage, from the text stage's checkpoint
+    rc = demo.main(["--runs", str(runs), "--seeds", "1", *args[2:]])
+    seeded = tmp_path / "runs_seed1"
+    joint = (seeded / "joint" / "config.yaml").read_text()
+    assert f"init_from: {runs}/text/checkpoints/last.ckpt" in joint
+    assert f"seed: {demo.DEFAULT_SEED + 1}" in joint
+    assert not (seeded / "text").exists() and (seeded / demo.EVAL / "results.json").is_file()
+    seeds = json.loads((runs / "seeds.json").read_text())
+    assert seeds["seeds"] == [demo.DEFAULT_SEED + 1]
+    names = [c["name"] for c in seeds["claims"]]
+    assert "text: distilled val/loss < scratch's" not in names and len(names) == len(CLAIMS) - 1
+    assert rc == (0 if all(c["met"] for c in seeds["claims"]) else 1)
+    assert "make demo-seeds" in (runs / "report.md").read_text()
+    assert "claims over seeds" in capsys.readouterr().out
 
 
 def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
@@ -66,23 +90,10 @@ def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
     assert "error: --from joint reuses" in capsys.readouterr().err
 
 
-def test_the_demo_evaluation_targets_on_hand_made_rows():
-    def row(mode, budget, acc, opened, within=1.0):
-        return Row("demo_arith", mode, budget, acc, 0.02, 300, 10.0, opened, within)
-
-    good = [row("think", 0, 0.05, 1.0), row("think", 128, 0.40, 0.97), row("no_think", None, 0.10, 0.0)]
-    assert demo.eval_failures(good) == []
-    gains = {name: (round(gain, 3), met) for name, gain, _, met in demo.accuracy_targets(good)}
-    assert gains == {
-        "demo_arith think@128 over no_think": (0.3, True),
-        "demo_arith think@128 over think budget 0": (0.35, True),
-    }
-    bad = [
-        row("think", 8, 0.1, 0.9),
-        row("no_think", None, 0.1, 0.2),
-        row("think", 32, 0.1, 1.0, within=0.99),
-    ]
-    assert len(demo.eval_failures(bad)) == 3
+def test_seeds_needs_a_count_and_no_from(capsys):
+    assert demo.main(["--seeds", "0"]) == 2
+    assert demo.main(["--seeds", "2", "--from", "sft"]) == 2
+    assert "error: --seeds: a number >= 1, without --from" in capsys.readouterr().err
 
 
 def test_the_pipeline_stops_at_a_diverged_stage(tmp_path, capsys):

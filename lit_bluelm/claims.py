@@ -1,0 +1,212 @@
+"""The demo's claims: what each stage must show, judged on its run's own outputs.
+
+A claim is a function of the :class:`Evidence` of one demo run (the stages' ``summary.json``
+records and the evaluation rows) that returns a :class:`Claim`, or None when the run holds no
+evidence for it (``make demo-seeds`` does not rerun the text stage, so the distillation claim is
+absent there). :data:`CLAIMS` is the one list ``make demo`` and ``make demo-seeds`` judge; a later
+stage adds its claims here. Over several seeds (:func:`over_seeds`) a claim judged on ``every``
+seed is met when it holds on each one; one judged on the ``mean`` is computed once more on the
+seeds' mean evaluation rows (:func:`mean_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from lit_bluelm.evaluation import Row
+
+ARITH = "demo_arith"
+BUDGETS = (0, 8, 32, 128)
+TOP = max(BUDGETS)
+THINK_GAIN = 0.40  # demo_arith: think@128 over no-think, on every seed
+PERCEPTION = {"demo_color": 0.90, "demo_count": 0.70}  # no-think accuracy of the image tasks
+THINK_HURTS = 0.05  # image tasks: think@128 may trail no-think by at most this
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    target: str  # how ``value`` is judged, for the reader (">= 0.40")
+    value: float
+    met: bool
+
+
+@dataclass
+class Evidence:
+    """One demo run: ``summaries`` by stage name (summary.json) and the evaluation's rows."""
+
+    summaries: Dict[str, dict] = field(default_factory=dict)
+    rows: List[Row] = field(default_factory=list)
+
+    def row(self, task: str, mode: str, budget: Optional[int] = None) -> Optional[Row]:
+        budget = None if mode == "no_think" else budget
+        return next((r for r in self.rows if (r.task, r.mode, r.budget) == (task, mode, budget)), None)
+
+
+def _at_least(name: str, value: float, threshold: float) -> Claim:
+    # accuracies are fractions k/n: a difference that equals the threshold may round below it
+    return Claim(name, f">= {threshold:g}", value, value >= threshold - 1e-9)
+
+
+def distilled_beats_scratch(ev: Evidence) -> Optional[Claim]:
+    text, scratch = ev.summaries.get("text"), ev.summaries.get("text_scratch")
+    if not text or not scratch or text.get("val_loss_after") is None:
+        return None
+    a, b = text["val_loss_after"], scratch.get("val_loss_after")
+    if b is None:
+        return None
+    return Claim("text: distilled val/loss < scratch's", f"< {b:.4f}", a, a < b)
+
+
+def format_failures(rows: Sequence[Row]) -> List[str]:
+    """The deterministic targets of the thinking format, each failure as a line: think mode opens
+    ``<think>`` on >= 95% of replies, no-think on <= 5%, every reply within its budget."""
+    failures = []
+    for r in rows:
+        where = f"{r.task} {r.mode} budget={r.budget}"
+        if r.mode == "think" and r.think_open_rate < 0.95:
+            failures.append(f"{where}: think_open_rate {r.think_open_rate:.3f} < 0.95")
+        if r.mode == "no_think" and r.think_open_rate > 0.05:
+            failures.append(f"{where}: think_open_rate {r.think_open_rate:.3f} > 0.05")
+        if r.within_budget != 1.0:
+            failures.append(f"{where}: within_budget {r.within_budget:.3f} != 1.0")
+    return failures
+
+
+def thinking_format(ev: Evidence) -> Optional[Claim]:
+    if not ev.rows:
+        return None
+    n = len(format_failures(ev.rows))
+    return Claim("thinking format: rows off target (open rate, budget)", "== 0", float(n), n == 0)
+
+
+def think_gain(ev: Evidence) -> Optional[Claim]:
+    top, plain = ev.row(ARITH, "think", TOP), ev.row(ARITH, "no_think")
+    if top is None or plain is None:
+        return None
+    return _at_least(f"{ARITH}: think@{TOP} - no_think", top.accuracy - plain.accuracy, THINK_GAIN)
+
+
+def budget_monotone(ev: Evidence) -> Optional[Claim]:
+    """Accuracy non-decreasing in the budget within one standard error: the value is the least
+    ``acc[next] - acc[prev] + stderr(difference)`` over consecutive budgets (>= 0 to hold)."""
+    rows = [ev.row(ARITH, "think", b) for b in BUDGETS]
+    if any(r is None for r in rows):
+        return None
+    slack = min(
+        b.accuracy - a.accuracy + math.hypot(a.stderr, b.stderr) for a, b in zip(rows, rows[1:], strict=False)
+    )
+    budgets = "/".join(map(str, BUDGETS))
+    return Claim(f"{ARITH}: accuracy rises with budget {budgets} (1 stderr)", ">= 0", slack, slack >= 0)
+
+
+def _perception(task: str, threshold: float) -> Callable[[Evidence], Optional[Claim]]:
+    def claim(ev: Evidence) -> Optional[Claim]:
+        plain = ev.row(task, "no_think")
+        return None if plain is None else _at_least(f"{task}: no_think accuracy", plain.accuracy, threshold)
+
+    return claim
+
+
+def _thinking_keeps(task: str) -> Callable[[Evidence], Optional[Claim]]:
+    def claim(ev: Evidence) -> Optional[Claim]:
+        top, plain = ev.row(task, "think", TOP), ev.row(task, "no_think")
+        if top is None or plain is None:
+            return None
+        return _at_least(f"{task}: think@{TOP} - no_think", top.accuracy - plain.accuracy, -THINK_HURTS)
+
+    return claim
+
+
+# (claim, how it is judged over seeds: "every" seed or the seeds' "mean")
+CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
+    (distilled_beats_scratch, "every"),
+    (thinking_format, "every"),
+    (think_gain, "every"),
+    (budget_monotone, "mean"),
+    *((_perception(task, threshold), "every") for task, threshold in PERCEPTION.items()),
+    *((_thinking_keeps(task), "every") for task in PERCEPTION),
+)
+
+
+def judge(ev: Evidence) -> List[Claim]:
+    """Every claim of :data:`CLAIMS` that ``ev`` holds evidence for, in order."""
+    return [c for c in (fn(ev) for fn, _ in CLAIMS) if c is not None]
+
+
+def mean_rows(runs: Sequence[List[Row]]) -> List[Row]:
+    """Rows averaged over runs (by task, mode and budget); the stderr of a mean of n runs."""
+    groups: Dict[tuple, List[Row]] = {}
+    for rows in runs:
+        for r in rows:
+            groups.setdefault((r.task, r.mode, r.budget), []).append(r)
+    out = []
+    for (task, mode, budget), rs in groups.items():
+        n = len(rs)
+        out.append(
+            Row(
+                task,
+                mode,
+                budget,
+                sum(r.accuracy for r in rs) / n,
+                math.sqrt(sum(r.stderr**2 for r in rs)) / n,
+                sum(r.n for r in rs),
+                sum(r.mean_thinking_tokens for r in rs) / n,
+                sum(r.think_open_rate for r in rs) / n,
+                min(r.within_budget for r in rs),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class SeedClaim:
+    name: str
+    target: str
+    mean: float
+    min: float
+    judged_on: str  # "every" seed or the "mean" rows
+    met: bool
+
+
+def over_seeds(runs: Sequence[Evidence]) -> List[SeedClaim]:
+    """Each claim over the seeds' runs: the mean and the min of its values, met as it is judged."""
+    on_mean = Evidence(rows=mean_rows([ev.rows for ev in runs]))
+    out = []
+    for fn, judged_on in CLAIMS:
+        claims = [fn(ev) for ev in runs]
+        if not claims or any(c is None for c in claims):
+            continue
+        values = [c.value for c in claims]
+        met = all(c.met for c in claims)
+        if judged_on == "mean":
+            mean_claim = fn(on_mean)
+            met = mean_claim is not None and mean_claim.met
+        first = claims[0]
+        out.append(
+            SeedClaim(first.name, first.target, sum(values) / len(values), min(values), judged_on, met)
+        )
+    return out
+
+
+def claims_block(claims: Sequence[Claim]) -> str:
+    """The printed block: ``claim ... target ... measured ... met|missed``, one line a claim."""
+    width = max([len(c.name) for c in claims] + [5])
+    lines = [f"{'claim':<{width}}  {'target':>10}  {'measured':>9}  result"]
+    for c in claims:
+        lines.append(f"{c.name:<{width}}  {c.target:>10}  {c.value:>9.4f}  {'met' if c.met else 'missed'}")
+    return "\n".join(lines)
+
+
+def seeds_block(claims: Sequence[SeedClaim], seeds: Sequence[int]) -> str:
+    width = max([len(c.name) for c in claims] + [5])
+    lines = [
+        f"claims over seeds {', '.join(map(str, seeds))} (met: on every seed, or on the mean where marked)",
+        f"{'claim':<{width}}  {'target':>10}  {'mean':>9}  {'min':>9}  result",
+    ]
+    for c in claims:
+        result = ("met" if c.met else "missed") + (" (on the mean)" if c.judged_on == "mean" else "")
+        lines.append(f"{c.name:<{width}}  {c.target:>10}  {c.mean:>9.4f}  {c.min:>9.4f}  {result}")
+    return "\n".join(lines)

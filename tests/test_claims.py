@@ -1,0 +1,141 @@
+"""The demo's claims on hand-made evaluation rows, over seeds, and the report / README splice."""
+
+import json
+
+import pytest
+
+from lit_bluelm import claims, report
+from lit_bluelm.claims import Evidence, judge, mean_rows, over_seeds
+from lit_bluelm.evaluation import Row
+
+
+def row(task, mode, budget, acc, stderr=0.02, opened=None, within=1.0):
+    opened = (1.0 if mode == "think" else 0.0) if opened is None else opened
+    return Row(task, mode, budget, acc, stderr, 300, 10.0, opened, within)
+
+
+def rows(arith=(0.0, 0.01, 0.2, 0.6), plain=0.05, color=(0.95, 0.93), count=(0.72, 0.75)):
+    out = [row("demo_arith", "think", b, a) for b, a in zip((0, 8, 32, 128), arith, strict=True)]
+    out.append(row("demo_arith", "no_think", None, plain))
+    for task, (think, no_think) in (("demo_color", color), ("demo_count", count)):
+        out += [row(task, "think", 128, think), row(task, "no_think", None, no_think)]
+    return out
+
+
+SUMMARIES = {"text": {"val_loss_after": 0.97}, "text_scratch": {"val_loss_after": 1.09}}
+
+
+def by_name(found):
+    return {c.name: c for c in found}
+
+
+def test_every_claim_on_a_run_that_meets_them():
+    found = by_name(judge(Evidence(SUMMARIES, rows())))
+    assert len(found) == len(claims.CLAIMS) and all(c.met for c in found.values())
+    assert found["demo_arith: think@128 - no_think"].value == pytest.approx(0.55)
+    assert found["demo_color: think@128 - no_think"].value == pytest.approx(0.02)
+    assert found["demo_count: no_think accuracy"].value == pytest.approx(0.75)
+    assert found["text: distilled val/loss < scratch's"].target == "< 1.0900"
+    # the smallest rise is 0 -> 8: 0.01 + hypot(0.02, 0.02)
+    monotone = found["demo_arith: accuracy rises with budget 0/8/32/128 (1 stderr)"]
+    assert monotone.value == pytest.approx(0.01 + 0.02 * 2**0.5)
+
+
+def test_each_claim_is_missed_on_its_own_failure():
+    missed = lambda ev: {c.name for c in judge(ev) if not c.met}  # noqa: E731
+    assert missed(Evidence(rows=rows(arith=(0.0, 0.01, 0.2, 0.44)))) == {"demo_arith: think@128 - no_think"}
+    assert missed(Evidence(rows=rows(arith=(0.0, 0.2, 0.1, 0.6)))) == {
+        "demo_arith: accuracy rises with budget 0/8/32/128 (1 stderr)"
+    }
+    assert missed(Evidence(rows=rows(color=(0.95, 0.89)))) == {"demo_color: no_think accuracy"}
+    # thinking may trail no-think by 0.05 at most
+    assert missed(Evidence(rows=rows(count=(0.70, 0.75)))) == set()
+    assert missed(Evidence(rows=rows(count=(0.69, 0.75)))) == {"demo_count: think@128 - no_think"}
+    bad_format = rows()
+    bad_format[0] = row("demo_arith", "think", 0, 0.0, opened=0.9)
+    bad_format[4] = row("demo_arith", "no_think", None, 0.05, within=0.99)
+    assert missed(Evidence(rows=bad_format)) == {"thinking format: rows off target (open rate, budget)"}
+    assert len(claims.format_failures(bad_format)) == 2
+    worse = {"text": {"val_loss_after": 1.2}, "text_scratch": {"val_loss_after": 1.09}}
+    assert missed(Evidence(worse, rows())) == {"text: distilled val/loss < scratch's"}
+
+
+def test_claims_without_evidence_are_left_out():
+    assert judge(Evidence()) == []
+    only_text = judge(Evidence(SUMMARIES))
+    assert [c.name for c in only_text] == ["text: distilled val/loss < scratch's"]
+
+
+def test_over_seeds_every_seed_or_the_mean():
+    # seed 2 misses the gain; seed 1 dips at budget 8, but the mean rises
+    seed1 = Evidence(rows=rows(arith=(0.0, 0.0, 0.3, 0.7), plain=0.0))
+    seed2 = Evidence(rows=rows(arith=(0.0, 0.1, 0.2, 0.4), plain=0.05))
+    seed1.rows[1] = row("demo_arith", "think", 8, 0.0, stderr=0.0)
+    seed1.rows[0] = row("demo_arith", "think", 0, 0.1, stderr=0.0)
+    found = {c.name: c for c in over_seeds([seed1, seed2])}
+    gain = found["demo_arith: think@128 - no_think"]
+    assert (gain.mean, gain.min, gain.met) == (pytest.approx(0.525), pytest.approx(0.35), False)
+    monotone = found["demo_arith: accuracy rises with budget 0/8/32/128 (1 stderr)"]
+    assert monotone.judged_on == "mean" and monotone.met  # seed 1 alone would miss it
+    assert not claims.budget_monotone(seed1).met
+    assert found["demo_color: no_think accuracy"].met
+    block = claims.seeds_block(list(found.values()), [1235, 1236])
+    assert "claims over seeds 1235, 1236" in block and "missed" in block and "(on the mean)" in block
+
+
+def test_mean_rows_average_accuracy_and_combine_stderr():
+    a = [row("demo_arith", "no_think", None, 0.2, stderr=0.03)]
+    b = [row("demo_arith", "no_think", None, 0.4, stderr=0.04)]
+    [m] = mean_rows([a, b])
+    assert (m.accuracy, m.stderr, m.n) == (pytest.approx(0.3), pytest.approx(0.025), 600)
+
+
+def test_the_claims_block_prints_one_line_a_claim():
+    found = judge(Evidence(SUMMARIES, rows()))
+    lines = claims.claims_block(found).splitlines()
+    assert lines[0].split() == ["claim", "target", "measured", "result"]
+    assert len(lines) == len(found) + 1 and all(line.endswith(" met") for line in lines[1:])
+
+
+def test_the_report_renders_from_its_files_and_goes_into_the_readme(tmp_path):
+    runs = tmp_path / "demo"
+    for name, s in {"text": 0.97, "text_scratch": 1.09}.items():
+        (runs / name).mkdir(parents=True)
+        summary = {"stage": "text", "module": "distill", "global_step": 5, "val_loss_after": s}
+        (runs / name / "summary.json").write_text(json.dumps(summary))
+    (runs / "eval_sft").mkdir()
+    (runs / "eval_sft" / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in rows()]}))
+    found = judge(Evidence(SUMMARIES, rows()))
+    record = {
+        "commit": "abc123",
+        "date": "2026-12-04 12:00 UTC",
+        "machine": {
+            "cpu_cores": 2,
+            "torch_threads": 2,
+            "platform": "Linux",
+            "python": "3.11",
+            "torch": "2.14",
+        },
+        "runs": [str(runs / "text"), str(runs / "text_scratch")],
+        "eval": str(runs / "eval_sft"),
+        "seconds": {"text": 20.0, "eval_sft": 10.0},
+        "claims": [c.__dict__ for c in found],
+    }
+    report.write_json(runs / report.REPORT_JSON, record)
+    md = report.write_report(runs).read_text()
+    assert "commit `abc123`" in md and "2 CPU cores" in md and "Time: 30 s" in md
+    assert claims.claims_block(found) in md and "demo_color     no_think" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN} (generated) -->\nold figures\n{report.END}\nrest\n")
+    assert report.main(["--runs", str(runs), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old figures" not in text and md.strip() in text
+    assert text.startswith("intro\n<!-- BEGIN demo-report") and text.endswith(f"{report.END}\nrest\n")
+    assert report.splice(text, md) == text  # regenerating an unchanged report changes nothing
+
+
+def test_the_report_and_the_splice_refuse_what_is_missing(tmp_path, capsys):
+    assert report.main(["--runs", str(tmp_path)]) == 2
+    assert "report.json not found: run `make demo` first" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no '<!-- BEGIN demo-report"):
+        report.splice("no markers here", "x")
