@@ -123,16 +123,19 @@ def build_trainer(cfg: DictConfig, module_cls: Type[Any]):
 
 
 def prepare(cfg: DictConfig):
-    """Start-up checks and construction: (datamodule, module, trainer). Writes the resolved
-    ``config.yaml`` and the run's tokenizer copy into ``run_dir``."""
+    """Start-up checks and construction: (datamodule, module, trainer). Resolves what the
+    config's paths hold (``lit_bluelm.startup``), then writes the resolved ``config.yaml`` and
+    the run's tokenizer copy into ``run_dir``."""
     import lightning as L
 
     from datamodules.datamodule import BlueLMDataModule
     from datamodules.demo import ensure_demo_data
     from lit_bluelm.checkpoint import copy_tokenizer
     from lit_bluelm.config import to_container
+    from lit_bluelm.startup import resolve_inputs
 
     quiet_known_warnings()
+    resolve_inputs(cfg)  # what the config's paths hold, before run_dir is touched
     check_run_dir(cfg)
     check_names(cfg)
     module_cls = stage_module(cfg)
@@ -244,7 +247,9 @@ def _fit_stage(cfg: DictConfig) -> Dict[str, Any]:
 def dry_run(cfg: DictConfig) -> None:
     """Resolved config and per-component parameter counts, built on the meta device."""
     from lit_bluelm.models import build_model, parameter_table
+    from lit_bluelm.startup import resolve_inputs
 
+    resolve_inputs(cfg)
     model = build_model(cfg.model, cfg.context, device="meta")
     print(OmegaConf.to_yaml(cfg), end="")
     rows = parameter_table(model)

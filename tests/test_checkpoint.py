@@ -8,6 +8,7 @@ from lit_bluelm.checkpoint import load_model_weights, load_run, read_model_state
 from lit_bluelm.config import ConfigError, load_config, to_container
 from lit_bluelm.frozen import load_frozen_llm, resolve_source
 from lit_bluelm.models import build_model
+from lit_bluelm.startup import load_run_config
 from lit_bluelm.tokenizer import load_tokenizer
 from tests.helpers import tiny_args
 
@@ -36,7 +37,7 @@ def test_an_old_checkpoint_loads_with_load_run_init_from_and_as_a_teacher(old_ch
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(run.model.state_dict()[name], tensor)
     # init_from: a new run takes the weights (and no context, as the old run had none)
-    cfg = load_config(tiny_args(demo_dir, tmp_path / "new", f"init_from={path}"))
+    cfg = load_run_config(tiny_args(demo_dir, tmp_path / "new", f"init_from={path}"))
     assert cfg.context.rope is None
     fresh = build_model(cfg.model, cfg.context)
     assert load_model_weights(fresh, path)["missing"] == []

@@ -15,6 +15,7 @@ from lit_bluelm.config import (
 )
 from lit_bluelm.models import LLMS, build_model
 from lit_bluelm.models.llm import llm_config
+from lit_bluelm.startup import load_run_config
 
 
 @pytest.mark.parametrize("stage", available("stage"))
@@ -69,7 +70,7 @@ def test_init_from_and_resume_from_are_exclusive(tmp_path):
     with pytest.raises(ConfigError, match="mutually exclusive"):
         load_config([f"init_from={ckpt}", f"resume_from={ckpt}"])
     with pytest.raises(ConfigError, match="no such checkpoint"):
-        load_config([f"resume_from={tmp_path / 'missing.ckpt'}"])
+        load_run_config([f"resume_from={tmp_path / 'missing.ckpt'}"])
 
 
 def test_dry_run_tiny_prints_table_and_total(capsys):
@@ -202,19 +203,19 @@ def test_init_from_a_yarn_checkpoint_keeps_its_context_unless_set(tmp_path, monk
     _stage_with_yarn(tmp_path, monkeypatch, factor=4)
     yarn_ckpt = tmp_path / "yarn.ckpt"
     _fake_checkpoint(yarn_ckpt, load_config(["stage=long"]))
-    inherited = load_config(["stage=joint", f"init_from={yarn_ckpt}"])
+    inherited = load_run_config(["stage=joint", f"init_from={yarn_ckpt}"])
     assert inherited.context.rope.rope_type == "yarn" and inherited.context.rope.factor == 4
     assert llm_config(inherited.model.llm, inherited.context.rope).max_position_embeddings == 4 * 2048
     # the stage (or the command line) decides when it sets a context
-    assert load_config(["stage=long", f"init_from={yarn_ckpt}"]).context.rope.factor == 4
-    own = load_config(["stage=joint", f"init_from={yarn_ckpt}", "context.rope={rope_type: default}"])
+    assert load_run_config(["stage=long", f"init_from={yarn_ckpt}"]).context.rope.factor == 4
+    own = load_run_config(["stage=joint", f"init_from={yarn_ckpt}", "context.rope={rope_type: default}"])
     assert own.context.rope.rope_type == "default"
-    assert load_config(["stage=joint"]).context.rope is None
+    assert load_run_config(["stage=joint"]).context.rope is None
     # resuming keeps it too, and a bare state dict (no saved config) is fine as init_from
-    assert load_config(["stage=joint", f"resume_from={yarn_ckpt}"]).context.rope.factor == 4
+    assert load_run_config(["stage=joint", f"resume_from={yarn_ckpt}"]).context.rope.factor == 4
     bare = tmp_path / "bare.ckpt"
     torch.save({"state_dict": {}}, bare)
-    assert load_config([f"init_from={bare}"]).context.rope is None
+    assert load_run_config([f"init_from={bare}"]).context.rope is None
 
 
 def test_dynamic_rope_keeps_the_original_length_and_interpolations_see_the_stage():

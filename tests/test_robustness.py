@@ -19,6 +19,7 @@ from lit_bluelm.checkpoint_io import CheckpointSaveError, recover_swap, remove_s
 from lit_bluelm.config import load_config, to_container
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.modules import NextTokenModule
+from lit_bluelm.startup import load_run_config
 from lit_bluelm.status import EXIT_CODES
 from lit_bluelm.trainer import attach_tokenizer, build_trainer
 from tests.helpers import ROOT, scalars, tiny_args
@@ -162,7 +163,7 @@ def test_a_failure_inside_the_update_writes_no_on_exception_checkpoint(demo_dir,
     assert not (ckpts / "on_exception.ckpt").exists()
     assert "half-updated" in caplog.text and "last.ckpt" in caplog.text
     # last.ckpt (step 2, before the failed update) is what resume_from=auto offers
-    cfg = load_config(tiny_args(demo_dir, run_dir, "resume_from=auto"))
+    cfg = load_run_config(tiny_args(demo_dir, run_dir, "resume_from=auto"))
     assert cfg.resume_from == str(ckpts / "last.ckpt")
     assert torch.load(cfg.resume_from, weights_only=True, map_location="cpu")["global_step"] == 2
 
@@ -171,7 +172,7 @@ def test_a_failure_inside_the_update_writes_no_on_exception_checkpoint(demo_dir,
 
 
 def test_resume_from_auto_starts_fresh_without_a_checkpoint(demo_dir, tmp_path):
-    assert load_config(tiny_args(demo_dir, tmp_path / "new", "resume_from=auto")).resume_from is None
+    assert load_run_config(tiny_args(demo_dir, tmp_path / "new", "resume_from=auto")).resume_from is None
 
 
 def test_resume_from_auto_takes_the_newest_loadable_checkpoint(demo_dir, tmp_path):
@@ -180,12 +181,12 @@ def test_resume_from_auto_takes_the_newest_loadable_checkpoint(demo_dir, tmp_pat
     torch.save({"global_step": 4, "state_dict": {}}, ckpts / "last.ckpt")
     torch.save({"global_step": 6, "state_dict": {}}, ckpts / "on_exception.ckpt")
     auto = tiny_args(demo_dir, tmp_path / "run", "resume_from=auto")
-    assert load_config(auto).resume_from == str(ckpts / "on_exception.ckpt")
+    assert load_run_config(auto).resume_from == str(ckpts / "on_exception.ckpt")
     torch.save({"global_step": 6, "state_dict": {}}, ckpts / "last.ckpt")
-    assert load_config(auto).resume_from == str(ckpts / "last.ckpt")  # a tie: last
+    assert load_run_config(auto).resume_from == str(ckpts / "last.ckpt")  # a tie: last
     (ckpts / "last.ckpt").write_bytes(b"torn")  # not loadable: passed over with a warning
     with pytest.warns(UserWarning, match="passing over"):
-        assert load_config(auto).resume_from == str(ckpts / "on_exception.ckpt")
+        assert load_run_config(auto).resume_from == str(ckpts / "on_exception.ckpt")
 
 
 # --- SIGTERM --------------------------------------------------------------------------------

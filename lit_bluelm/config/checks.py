@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,23 +34,14 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_run(cfg: DictConfig) -> None:
-    from lit_bluelm.checkpoint import newest_resumable, read_meta, recover_checkpoint
-
-    if cfg.resume_from == "auto":  # a requeued job: continue if there is something to continue
-        found = newest_resumable(Path(cfg.run_dir) / "checkpoints")
-        cfg.resume_from = str(found) if found is not None else None
-    elif cfg.init_from and cfg.resume_from:
+    # what the paths hold (resume_from=auto, the checkpoints' form) is read at start-up
+    # (lit_bluelm.startup): the config reads no checkpoint
+    if cfg.init_from and cfg.resume_from and cfg.resume_from != "auto":
         raise ConfigError(
             "init_from and resume_from are mutually exclusive: init_from starts a new run from "
             "weights, resume_from continues this run (resume_from=auto allows both: it resumes "
             "when run_dir has a checkpoint, else starts from init_from)"
         )
-    elif cfg.resume_from:
-        recover_checkpoint(cfg.resume_from)  # a sharded swap a crash interrupted
-
-    for key in ("init_from", "resume_from"):
-        if cfg[key]:  # the form, the sharded metadata and the pickle, all read safely
-            read_meta(cfg[key], key)
     at_least(cfg, "checkpoint.every_n_steps", 1, allow_none=True)
     at_least(cfg, "checkpoint.save_top_k", -1)  # -1: keep every best checkpoint
 

@@ -126,7 +126,8 @@ def _resolve(cfg: DictConfig) -> DictConfig:
 
 
 def load_config(argv: Sequence[str] = ()) -> DictConfig:
-    """Build the resolved, validated config from ``key=value`` arguments."""
+    """Build the resolved, validated config from ``key=value`` arguments. What its paths hold
+    (checkpoints, a teacher, weights files) is read at start-up: ``lit_bluelm.startup``."""
     stage, model, dotlist = _split_argv(argv)
     cfg = OmegaConf.structured(Config)
     cfg = _merge(cfg, _yaml("stage", stage), f"configs/stage/{stage}.yaml")
@@ -137,23 +138,7 @@ def load_config(argv: Sequence[str] = ()) -> DictConfig:
     cfg.stage, cfg.model.name = stage, model  # before resolving: ${stage} may be interpolated
     cfg = _resolve(cfg)
     validate(cfg)
-    _inherit_context(cfg)
     return cfg
-
-
-def _inherit_context(cfg: DictConfig) -> None:
-    """A run started (``init_from``) or continued (``resume_from``) from a checkpoint keeps that
-    checkpoint's context scaling unless its stage or command line sets one (``context.rope``);
-    config.yaml then shows what was applied."""
-    key = "resume_from" if cfg.resume_from else "init_from" if cfg.init_from else None
-    if key is None or cfg.context.rope is not None:
-        return
-    from lit_bluelm.checkpoint import saved_config
-
-    saved = saved_config(cfg[key], key, required=False)  # a bare state dict has no config
-    rope = ((saved or {}).get("context") or {}).get("rope")
-    if rope is not None:
-        cfg.context.rope = rope
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:

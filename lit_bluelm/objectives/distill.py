@@ -75,10 +75,7 @@ class DistillConfig(KDOptions):
             raise ConfigError("distill.keep_layers only applies with distill.init_from_teacher=true")
         if d.init_from_teacher and d.quantize != "none":
             raise ConfigError("distill.init_from_teacher copies teacher weights: use distill.quantize=none")
-        if d.teacher:
-            from lit_bluelm.frozen import resolve_source  # reads a checkpoint's saved config, safely
-
-            resolve_source(d.teacher, "distill.teacher")
+        # what distill.teacher points at is checked at start-up (lit_bluelm.startup)
 
 
 def kd_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions) -> torch.Tensor:

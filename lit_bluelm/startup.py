@@ -1,0 +1,71 @@
+"""Start-up: what a run's config points at, read before any data or model work. The config
+(``lit_bluelm.config``) checks keys and values and reads no file it names; here the checkpoints
+of ``init_from`` / ``resume_from`` are read (safely), ``resume_from=auto`` is resolved, the
+``distill.teacher`` is checked, the context scaling a run inherits from its checkpoint is
+applied. Every problem is a :class:`ConfigError` (one line, exit 2).
+
+:func:`resolve_inputs` runs it all and may run again on the same config (``trainer.prepare``
+and ``trainer.dry_run`` call it, so ``fit_stage(load_config(argv))`` is what ``train.py`` runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+from lit_bluelm.checkpoint import newest_resumable, read_meta, recover_checkpoint, saved_config
+from lit_bluelm.config import load_config
+from lit_bluelm.frozen import resolve_source
+
+TEACHER_KEY = "distill.teacher"
+
+
+def load_run_config(argv: Sequence[str] = ()) -> DictConfig:
+    """``load_config(argv)`` with what its paths hold resolved and checked: the config a run
+    trains with."""
+    return resolve_inputs(load_config(argv))
+
+
+def resolve_inputs(cfg: DictConfig) -> DictConfig:
+    """Resolve and check, in place, everything ``cfg`` reads from disk at start-up."""
+    resolve_checkpoints(cfg)
+    check_teacher(cfg)
+    inherit_context(cfg)
+    return cfg
+
+
+def resolve_checkpoints(cfg: DictConfig) -> None:
+    """``resume_from=auto`` becomes the newest resumable checkpoint of ``run_dir`` (None: a
+    fresh start); an interrupted sharded swap of ``resume_from`` is repaired; ``init_from`` and
+    ``resume_from`` are read: the form, the sharded metadata and the pickle, all safely."""
+    if cfg.resume_from == "auto":  # a requeued job: continue if there is something to continue
+        found = newest_resumable(Path(cfg.run_dir) / "checkpoints")
+        cfg.resume_from = str(found) if found is not None else None
+    elif cfg.resume_from:
+        recover_checkpoint(cfg.resume_from)  # a sharded swap a crash interrupted
+    for key in ("init_from", "resume_from"):
+        if cfg[key]:
+            read_meta(cfg[key], key)
+
+
+def check_teacher(cfg: DictConfig) -> None:
+    """``distill.teacher`` is a preset, a Hugging Face folder or a lit-bluelm checkpoint (its
+    saved config read safely)."""
+    if not cfg.distill.teacher:
+        return
+    resolve_source(cfg.distill.teacher, TEACHER_KEY)
+
+
+def inherit_context(cfg: DictConfig) -> None:
+    """A run started (``init_from``) or continued (``resume_from``) from a checkpoint keeps that
+    checkpoint's context scaling unless its stage or command line sets one (``context.rope``);
+    config.yaml then shows what was applied."""
+    key = "resume_from" if cfg.resume_from else "init_from" if cfg.init_from else None
+    if key is None or cfg.context.rope is not None:
+        return
+    saved = saved_config(cfg[key], key, required=False)  # a bare state dict has no config
+    rope = ((saved or {}).get("context") or {}).get("rope")
+    if rope is not None:
+        cfg.context.rope = rope
