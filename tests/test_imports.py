@@ -74,7 +74,9 @@ def test_the_checker_passes_allowed_imports():
     allowed = "from lit_bluelm.errors import ConfigError\nfrom .schema import Config\nimport checkpointing"
     assert forbidden(imported(allowed, "lit_bluelm.config.load")) == []
     # a package's own relative import resolves inside the package
-    assert "lit_bluelm.config.checks" in set(imported("from .checks import validate", "lit_bluelm.config", True))
+    assert "lit_bluelm.config.checks" in set(
+        imported("from .checks import validate", "lit_bluelm.config", True)
+    )
 
 
 def test_config_imports_no_checkpoint_and_no_model():
