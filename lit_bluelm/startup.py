@@ -2,7 +2,8 @@
 (``lit_bluelm.config``) checks keys and values and reads no file it names; here the checkpoints
 of ``init_from`` / ``resume_from`` are read (safely), ``resume_from=auto`` is resolved, the
 ``distill.teacher`` is checked, the context scaling a run inherits from its checkpoint is
-applied. Every problem is a :class:`ConfigError` (one line, exit 2).
+applied, and the pickled weights files the model loaders will read are checked the way they
+load. Every problem is a :class:`ConfigError` (one line, exit 2).
 
 :func:`resolve_inputs` runs it all and may run again on the same config (``trainer.prepare``
 and ``trainer.dry_run`` call it, so ``fit_stage(load_config(argv))`` is what ``train.py`` runs).
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from lit_bluelm.checkpoint import newest_resumable, read_meta, recover_checkpoint, saved_config
 from lit_bluelm.config import load_config
 from lit_bluelm.frozen import resolve_source
+from lit_bluelm.models.weights import check_hf_weights, check_weights_file
 
 TEACHER_KEY = "distill.teacher"
 
@@ -33,6 +35,7 @@ def resolve_inputs(cfg: DictConfig) -> DictConfig:
     resolve_checkpoints(cfg)
     check_teacher(cfg)
     inherit_context(cfg)
+    check_weights(cfg)
     return cfg
 
 
@@ -51,11 +54,13 @@ def resolve_checkpoints(cfg: DictConfig) -> None:
 
 
 def check_teacher(cfg: DictConfig) -> None:
-    """``distill.teacher`` is a preset, a Hugging Face folder or a lit-bluelm checkpoint (its
-    saved config read safely)."""
+    """``distill.teacher`` is a preset, a Hugging Face folder whose weights load safely, or a
+    lit-bluelm checkpoint (its saved config read safely)."""
     if not cfg.distill.teacher:
         return
-    resolve_source(cfg.distill.teacher, TEACHER_KEY)
+    source = resolve_source(cfg.distill.teacher, TEACHER_KEY)
+    if source.llm.name == "from_pretrained" and source.checkpoint is None:
+        check_hf_weights(source.llm.path, TEACHER_KEY)
 
 
 def inherit_context(cfg: DictConfig) -> None:
@@ -69,3 +74,14 @@ def inherit_context(cfg: DictConfig) -> None:
     rope = ((saved or {}).get("context") or {}).get("rope")
     if rope is not None:
         cfg.context.rope = rope
+
+
+def check_weights(cfg: DictConfig) -> None:
+    """The pickled weights of ``model.llm.path`` (a Hugging Face folder) and
+    ``model.vision.pretrained`` load with ``weights_only=True``. A missing path is left to the
+    loader's own error."""
+    llm = cfg.model.llm
+    if llm.name == "from_pretrained" and llm.path and Path(llm.path).is_dir():
+        check_hf_weights(llm.path, "model.llm.path")
+    if not cfg.model.text_only and cfg.model.vision.pretrained:
+        check_weights_file(cfg.model.vision.pretrained, "model.vision.pretrained")
