@@ -116,14 +116,16 @@ def describe(objects: List[Obj]) -> str:
 
 
 def count_steps(objects: List[Obj], color: str) -> Tuple[str, int]:
-    """Counting the shapes of ``color`` one at a time: the thinking and the count."""
+    """Counting the shapes of ``color`` one at a time, by colour alone (``Shape 2 is red: 1.``):
+    the thinking and the count. It names no shape kind: perceiving one is not needed to count a
+    colour, and every extra fact the thinking must read off an image is one more chance to err."""
     steps, count = [], 0
-    for c, s in objects:
+    for i, (c, _) in enumerate(objects, 1):
         if c == color:
             count += 1
-            steps.append(f"The {c} {s} is {color}: {count}.")
+            steps.append(f"Shape {i} is {color}: {count}.")
         else:
-            steps.append(f"The {c} {s} is not {color}.")
+            steps.append(f"Shape {i} is {c}.")
     return " ".join(steps + [f"That makes {count}."]), count
 
 
