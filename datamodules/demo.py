@@ -57,7 +57,8 @@ from lit_bluelm.tokenizer import train_tokenizer
 MARKER = ".complete"
 # bumped when the content changes (2: chain-of-thought shards, 3: the tokenizer's chat template,
 # 4: single-digit numbers, SFT conversations, held-out evaluation items, 5: sums add a number's
-# tens, then its ones, 6: counting by colour alone, more image tasks in SFT); older sets are rewritten
+# tens, then its ones, 6: counting by colour alone in
+# scenes of 2-4 shapes, more image tasks in SFT); older sets are rewritten
 VERSION = 6
 # the tasks of an SFT conversation, with their shares
 SFT_TASKS = {"demo_arith": 0.4, "demo_count": 0.25, "demo_color": 0.15, "demo_open": 0.2}

@@ -5,7 +5,8 @@ conversations and held-out evaluation items by :mod:`datamodules.demo`.
 * ``demo_arith``: the sum of 3-5 numbers of 1-2 digits; the thinking keeps a running total,
   adding a two-digit number's tens and then its ones (easy step by step, hard in one shot for a
   tiny model).
-* ``demo_count``: how many shapes of a colour are in an image; the thinking counts one by one.
+* ``demo_count``: how many shapes of a colour are in an image of 2-4 shapes; the thinking counts
+  one by one, by colour.
 * ``demo_color``: the colour of the one shape in an image; a direct answer (thinking adds little).
 * ``demo_open``: short open answers about invented kingdoms (their capital, river, flag).
 
@@ -149,7 +150,7 @@ def arith_item(rng: random.Random) -> Item:
 
 
 def count_item(rng: random.Random) -> Item:
-    image, objects = scene(rng, 2, 6)
+    image, objects = scene(rng, 2, 4)  # the scenes of pre-training's captions hold 1-4 shapes
     present = [c for c, _ in objects]
     color = rng.choice(present) if rng.random() < 0.8 else rng.choice(list(COLORS))
     thinking, count = count_steps(objects, color)
