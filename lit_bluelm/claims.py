@@ -99,7 +99,7 @@ def budget_monotone(ev: Evidence) -> Optional[Claim]:
         b.accuracy - a.accuracy + math.hypot(a.stderr, b.stderr) for a, b in zip(rows, rows[1:], strict=False)
     )
     budgets = "/".join(map(str, BUDGETS))
-    return Claim(f"{ARITH}: accuracy rises with budget {budgets} (1 stderr)", ">= 0", slack, slack >= 0)
+    return _at_least(f"{ARITH}: accuracy rises with budget {budgets} (1 stderr)", slack, 0)
 
 
 def _perception(task: str, threshold: float) -> Callable[[Evidence], Optional[Claim]]:

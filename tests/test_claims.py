@@ -139,3 +139,13 @@ def test_the_report_and_the_splice_refuse_what_is_missing(tmp_path, capsys):
     assert "report.json not found: run `make demo` first" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no '<!-- BEGIN demo-report"):
         report.splice("no markers here", "x")
+
+
+def test_a_dip_of_exactly_one_stderr_is_within_it():
+    # 1/300 at budget 0, 0/300 at budget 8, stderr 1/300: the difference plus its stderr is 0
+    # in exact arithmetic and about -4e-19 in floats (seen on a seed run); it holds
+    k = 1 / 300
+    rows = [row("demo_arith", "think", 0, k, k), row("demo_arith", "think", 8, 0.0, 0.0)]
+    rows += [row("demo_arith", "think", b, 0.9, 0.02) for b in (32, 128)]
+    monotone = claims.budget_monotone(Evidence(rows=rows))
+    assert abs(monotone.value) < 1e-12 and monotone.met
