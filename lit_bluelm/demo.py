@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from lit_bluelm.claims import Claim, Evidence, claims_block, format_failures, judge, over_seeds, seeds_block
 from lit_bluelm.errors import ConfigError
-from lit_bluelm.report import REPORT_JSON, SEEDS_JSON, commit, machine, write_json, write_report
+from lit_bluelm.report import REPORT_JSON, SEEDS_JSON, machine, stamp, write_report
+from lit_bluelm.summary import write_json
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,7 @@ def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> 
     claims = judge(evidence(runs, STAGES, rows))
     report_claims(claims, rows)
     record = {
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **stamp(),
         "machine": machine(),
         "runs": [f"{runs}/{s.name}" for s in STAGES],
         "eval": f"{runs}/{EVAL}",
@@ -215,8 +215,7 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str) -> int
     claims = over_seeds(per_seed)
     print("\n" + seeds_block(claims, seeds), flush=True)
     record = {
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **stamp(),
         "seeds": seeds,
         "folders": [f"{runs}_seed{k}" for k in range(1, n + 1)],
         "seconds": round(time.time() - began_all, 1),

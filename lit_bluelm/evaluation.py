@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from lit_bluelm.errors import ConfigError
+from lit_bluelm.summary import write_json
 
 METRICS = ("exact", "numeric", "choice", "math")
 DEMO_TASKS = ("demo_arith", "demo_count", "demo_color")
@@ -237,10 +238,7 @@ def write_results(out_dir: str | Path, ckpt: str, settings: Dict, rows: Iterable
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     record = {"ckpt": ckpt, "settings": settings, "results": [asdict(r) for r in rows]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    return path
+    return write_json(path, record)
 
 
 def plot(rows: Sequence[Row], path: str | Path) -> Path:

@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -50,6 +51,11 @@ def commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+def stamp() -> Dict[str, str]:
+    """What made a record, and when: the commit and the UTC date."""
+    return {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def machine() -> Dict[str, Any]:
     import torch
 
@@ -60,13 +66,6 @@ def machine() -> Dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-
-
-def write_json(path: Path, record: Dict[str, Any]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    return path
 
 
 def _captured(fn, *args) -> str:
@@ -101,7 +100,8 @@ def render(runs: str | Path) -> str:
     results = Path(record["eval"]) / "results.json"
     if results.is_file():
         rows = [Row(**r) for r in json.loads(results.read_text())["results"]]
-        lines += [f"Evaluation (`{record['eval']}`, 300 held-out items a task):", "", *_code(table(rows))]
+        items = "/".join(sorted({str(r.n) for r in rows}))
+        lines += [f"Evaluation (`{record['eval']}`, {items} held-out items a task):", "", *_code(table(rows))]
     lines += ["Claims:", "", *_code(claims_block([Claim(**c) for c in record["claims"]]))]
     times = record["seconds"]
     total = sum(times.values())

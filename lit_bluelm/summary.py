@@ -19,13 +19,19 @@ from typing import Any, Dict, List, Optional
 SUMMARY_FILE = "summary.json"
 
 
-def write_summary(run_dir: str | Path, record: Dict[str, Any]) -> Path:
-    """Write ``<run_dir>/summary.json`` (what ``load_summary`` and ``main`` read)."""
-    path = Path(run_dir) / SUMMARY_FILE
+def write_json(path: str | Path, record: Dict[str, Any]) -> Path:
+    """``record`` as ``path``, replaced whole (a temporary file beside it, then a rename), so a
+    reader never sees half a file: the run records (summary.json, results.json, report.json)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
     return path
+
+
+def write_summary(run_dir: str | Path, record: Dict[str, Any]) -> Path:
+    """Write ``<run_dir>/summary.json`` (what ``load_summary`` and ``main`` read)."""
+    return write_json(Path(run_dir) / SUMMARY_FILE, record)
 
 
 def print_summary(summary: Dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import pytest
 from lit_bluelm import claims, report
 from lit_bluelm.claims import Evidence, judge, mean_rows, over_seeds
 from lit_bluelm.evaluation import Row
+from lit_bluelm.summary import write_json
 
 
 def row(task, mode, budget, acc, stderr=0.02, opened=None, within=1.0):
@@ -121,7 +122,7 @@ def test_the_report_renders_from_its_files_and_goes_into_the_readme(tmp_path):
         "seconds": {"text": 20.0, "eval_sft": 10.0},
         "claims": [c.__dict__ for c in found],
     }
-    report.write_json(runs / report.REPORT_JSON, record)
+    write_json(runs / report.REPORT_JSON, record)
     md = report.write_report(runs).read_text()
     assert "commit `abc123`" in md and "2 CPU cores" in md and "Time: 30 s" in md
     assert claims.claims_block(found) in md and "demo_color     no_think" in md
