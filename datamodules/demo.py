@@ -41,13 +41,13 @@ from datamodules.demo_tasks import (
     SHAPES,
     Item,
     arith_item,
+    caption,
+    color_question,
     count_steps,
-    describe,
     fresh,
     held_out_items,
     image_key,
     kingdoms,
-    plural,
     scene,
     task_makers,
 )
@@ -58,10 +58,11 @@ MARKER = ".complete"
 # bumped when the content changes (2: chain-of-thought shards, 3: the tokenizer's chat template,
 # 4: single-digit numbers, SFT conversations, held-out evaluation items, 5: sums add a number's
 # tens, then its ones, 6: counting by colour alone in
-# scenes of 2-4 shapes, more image tasks in SFT); older sets are rewritten
-VERSION = 6
+# scenes of 2-4 shapes, more image tasks in SFT, 7: scenes in reading order, counting thinks the
+# caption first); older sets are rewritten
+VERSION = 7
 # the tasks of an SFT conversation, with their shares
-SFT_TASKS = {"demo_arith": 0.4, "demo_count": 0.25, "demo_color": 0.15, "demo_open": 0.2}
+SFT_TASKS = {"demo_arith": 0.35, "demo_count": 0.3, "demo_color": 0.15, "demo_open": 0.2}
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -93,26 +94,29 @@ class DemoSpec:
 
 
 def shapes_sample(rng: random.Random, held_out: FrozenSet[str]) -> Tuple[Image.Image, str, Dict]:
-    """A canvas with 1-4 coloured shapes, a left-to-right caption and one question."""
+    """A canvas with 1-4 coloured shapes and its caption (reading order), with one counting
+    question: two in three after the caption (answered from it), one in three a colour's count
+    before it (answered from the image alone, as the demo's counting without thinking is)."""
     while True:
         image, objects = scene(rng, 1, 4)
         if image_key(image) not in held_out:
             break
     n = len(objects)
-    caption = f"There {'is' if n == 1 else 'are'} {n} {plural('shape', n)}: {describe(objects)}."
+    meta = {"task": "caption", "width": image.width, "height": image.height, "objects": objects}
+    if rng.random() < 1 / 3:  # mostly a colour that is there, as the demo_count items ask
+        color = rng.choice(objects)[0] if rng.random() < 0.8 else rng.choice(list(COLORS))
+        question, _ = color_question(objects, color)
+        return image, f"Question: {question} {caption(objects)}", meta
     kind = rng.choice(("shape", "color", "total"))
     if kind == "shape":
         shape = rng.choice(SHAPES)
         count = sum(s == shape for _, s in objects)
         question = f"How many {shape}s are there? Answer: {count}."
     elif kind == "color":
-        color = rng.choice(list(COLORS))
-        count = sum(c == color for c, _ in objects)
-        question = f"How many {color} shapes are there? Answer: {count}."
+        question, _ = color_question(objects, rng.choice(list(COLORS)))
     else:
         question = f"How many shapes are there? Answer: {n}."
-    meta = {"task": "caption", "width": image.width, "height": image.height, "objects": objects}
-    return image, f"{caption} Question: {question}", meta
+    return image, f"{caption(objects)} Question: {question}", meta
 
 
 def fact_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
@@ -140,7 +144,7 @@ def counting_cot(rng: random.Random) -> Dict[str, str]:
     color = rng.choice([c for c, _ in objects] + [rng.choice(list(COLORS))])
     thinking, count = count_steps(objects, color)
     return {
-        "question": f"There are {describe(objects)}. How many {color} shapes are there?",
+        "question": f"{caption(objects)} How many {color} shapes are there?",
         "thinking": thinking,
         "answer": str(count),
         "task": "counting",

@@ -5,8 +5,9 @@ conversations and held-out evaluation items by :mod:`datamodules.demo`.
 * ``demo_arith``: the sum of 3-5 numbers of 1-2 digits; the thinking keeps a running total,
   adding a two-digit number's tens and then its ones (easy step by step, hard in one shot for a
   tiny model).
-* ``demo_count``: how many shapes of a colour are in an image of 2-4 shapes; the thinking counts
-  one by one, by colour.
+* ``demo_count``: how many shapes of a colour are in an image of 2-4 shapes; the thinking describes
+  the image and answers the question from the description, in the words of pre-training's image
+  texts (``There are 2 shapes: ... Question: How many red shapes are there? Answer: 1.``).
 * ``demo_color``: the colour of the one shape in an image; a direct answer (thinking adds little).
 * ``demo_open``: short open answers about invented kingdoms (their capital, river, flag).
 
@@ -85,12 +86,15 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Tuple[int, int, int, int],
 
 
 def scene(rng: random.Random, min_objects: int, max_objects: int) -> Tuple[Image.Image, List[Obj]]:
-    """A canvas with coloured shapes, one per 56px cell, listed left to right (column by column,
-    top to bottom within a column)."""
+    """A canvas with coloured shapes, one per 56px cell, listed in reading order (row by row, top
+    to bottom, left to right within a row): the order of the image tokens, which are raster
+    ordered within a tile and in the thumbnail."""
     fits = [c for c in CANVASES if (c[0] // CELL) * (c[1] // CELL) >= min_objects]
     width, height = rng.choice(fits)
     cells = [(c, r) for r in range(height // CELL) for c in range(width // CELL)]
-    chosen = sorted(rng.sample(cells, rng.randint(min_objects, min(max_objects, len(cells)))))
+    chosen = sorted(
+        rng.sample(cells, rng.randint(min_objects, min(max_objects, len(cells)))), key=lambda cell: cell[::-1]
+    )
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     objects = []
@@ -116,10 +120,16 @@ def describe(objects: List[Obj]) -> str:
     return join_words([f"a {color} {shape}" for color, shape in objects])
 
 
+def caption(objects: List[Obj]) -> str:
+    """``There are 2 shapes: a red circle and a blue square.``: a scene in reading order."""
+    n = len(objects)
+    return f"There {'is' if n == 1 else 'are'} {n} {plural('shape', n)}: {describe(objects)}."
+
+
 def count_steps(objects: List[Obj], color: str) -> Tuple[str, int]:
     """Counting the shapes of ``color`` one at a time, by colour alone (``Shape 2 is red: 1.``):
     the thinking and the count. It names no shape kind: perceiving one is not needed to count a
-    colour, and every extra fact the thinking must read off an image is one more chance to err."""
+    colour."""
     steps, count = [], 0
     for i, (c, _) in enumerate(objects, 1):
         if c == color:
@@ -128,6 +138,12 @@ def count_steps(objects: List[Obj], color: str) -> Tuple[str, int]:
         else:
             steps.append(f"Shape {i} is {c}.")
     return " ".join(steps + [f"That makes {count}."]), count
+
+
+def color_question(objects: List[Obj], color: str) -> Tuple[str, int]:
+    """``How many red shapes are there? Answer: 1.`` (pre-training's question) and the count."""
+    count = sum(c == color for c, _ in objects)
+    return f"How many {color} shapes are there? Answer: {count}.", count
 
 
 # ----------------------------------------------------------------------------- the tasks
@@ -153,9 +169,14 @@ def count_item(rng: random.Random) -> Item:
     image, objects = scene(rng, 2, 4)  # the scenes of pre-training's captions hold 1-4 shapes
     present = [c for c, _ in objects]
     color = rng.choice(present) if rng.random() < 0.8 else rng.choice(list(COLORS))
-    thinking, count = count_steps(objects, color)
+    question, count = color_question(objects, color)
     return Item(
-        "demo_count", f"How many {color} shapes are there?", thinking, str(count), image_key(image), image
+        "demo_count",
+        f"How many {color} shapes are there?",
+        f"{caption(objects)} Question: {question}",
+        str(count),
+        image_key(image),
+        image,
     )
 
 

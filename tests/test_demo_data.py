@@ -10,12 +10,17 @@ import pytest
 from PIL import Image
 
 from datamodules.demo_tasks import (
+    BACKGROUND,
+    CELL,
+    COLORS,
     EVAL_TASKS,
     arith_item,
+    caption,
     count_item,
     fresh,
     held_out_items,
     image_key,
+    scene,
 )
 from lit_bluelm.tokenizer import load_tokenizer
 
@@ -92,8 +97,29 @@ def test_the_worked_thinking_of_each_task():
     # a one-digit number in one step; a two-digit number's tens, then its ones
     assert (item.prompt, item.thinking) == ("What is 26 + 8 + 18?", "26 + 8 = 34. 34 + 10 = 44, 44 + 8 = 52.")
     counted = count_item(random.Random(4))
-    assert counted.thinking.endswith(f"That makes {counted.answer}.")
     assert counted.user_content().startswith("<image>\n")
+    # counting describes the image and answers from the description, as pre-training's texts do
+    _, objects = scene(random.Random(4), 2, 4)
+    assert counted.thinking == f"{caption(objects)} Question: {counted.prompt} Answer: {counted.answer}."
+
+
+def _cell_colours(image):
+    """The colour of the shape in each 56px cell, cells in reading order (rows top to bottom)."""
+    by_rgb = {rgb: name for name, rgb in COLORS.items()}
+    found = []
+    for top in range(0, image.height, CELL):
+        for left in range(0, image.width, CELL):
+            pixels = image.crop((left, top, left + CELL, top + CELL)).getdata()
+            names = {by_rgb[p] for p in pixels if p != BACKGROUND and p in by_rgb}
+            assert len(names) <= 1
+            found += names
+    return found
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_scene_lists_its_shapes_in_reading_order(seed):
+    image, objects = scene(random.Random(seed), 2, 4)
+    assert _cell_colours(image) == [color for color, _ in objects]
 
 
 @pytest.mark.parametrize("text", ["123 + 45 = 168.", "What is 7 + 90?", "2026"])
