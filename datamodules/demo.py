@@ -41,6 +41,7 @@ from datamodules.demo_tasks import (
     SHAPES,
     Item,
     arith_item,
+    asked_color,
     caption,
     color_question,
     count_steps,
@@ -59,7 +60,7 @@ MARKER = ".complete"
 # 4: single-digit numbers, SFT conversations, held-out evaluation items, 5: sums add a number's
 # tens, then its ones, 6: counting by colour alone in
 # scenes of 2-4 shapes, more image tasks in SFT, 7: scenes in reading order, counting thinks the
-# caption first); older sets are rewritten
+# caption and answers from it, a third of image texts ask a colour's count before the caption); older sets are rewritten
 VERSION = 7
 # the tasks of an SFT conversation, with their shares
 SFT_TASKS = {"demo_arith": 0.35, "demo_count": 0.3, "demo_color": 0.15, "demo_open": 0.2}
@@ -103,9 +104,8 @@ def shapes_sample(rng: random.Random, held_out: FrozenSet[str]) -> Tuple[Image.I
             break
     n = len(objects)
     meta = {"task": "caption", "width": image.width, "height": image.height, "objects": objects}
-    if rng.random() < 1 / 3:  # mostly a colour that is there, as the demo_count items ask
-        color = rng.choice(objects)[0] if rng.random() < 0.8 else rng.choice(list(COLORS))
-        question, _ = color_question(objects, color)
+    if rng.random() < 1 / 3:  # a colour asked as the demo_count items ask it
+        question, _ = color_question(objects, asked_color(rng, objects))
         return image, f"Question: {question} {caption(objects)}", meta
     kind = rng.choice(("shape", "color", "total"))
     if kind == "shape":

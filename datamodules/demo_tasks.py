@@ -140,6 +140,11 @@ def count_steps(objects: List[Obj], color: str) -> Tuple[str, int]:
     return " ".join(steps + [f"That makes {count}."]), count
 
 
+def asked_color(rng: random.Random, objects: List[Obj]) -> str:
+    """The colour a counting question asks: mostly one that is in the scene."""
+    return rng.choice([c for c, _ in objects]) if rng.random() < 0.8 else rng.choice(list(COLORS))
+
+
 def color_question(objects: List[Obj], color: str) -> Tuple[str, int]:
     """``How many red shapes are there? Answer: 1.`` (pre-training's question) and the count."""
     count = sum(c == color for c, _ in objects)
@@ -167,8 +172,7 @@ def arith_item(rng: random.Random) -> Item:
 
 def count_item(rng: random.Random) -> Item:
     image, objects = scene(rng, 2, 4)  # the scenes of pre-training's captions hold 1-4 shapes
-    present = [c for c, _ in objects]
-    color = rng.choice(present) if rng.random() < 0.8 else rng.choice(list(COLORS))
+    color = asked_color(rng, objects)
     question, count = color_question(objects, color)
     return Item(
         "demo_count",
