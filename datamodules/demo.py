@@ -60,10 +60,13 @@ MARKER = ".complete"
 # 4: single-digit numbers, SFT conversations, held-out evaluation items, 5: sums add a number's
 # tens, then its ones, 6: counting by colour alone in
 # scenes of 2-4 shapes, more image tasks in SFT, 7: scenes in reading order, counting thinks the
-# caption and answers from it, a third of image texts ask a colour's count before the caption); older sets are rewritten
-VERSION = 7
+# caption and answers from it, a third of image texts ask a colour's count before the caption, 8:
+# SFT task shares arith 0.3, count 0.25, colour 0.25); older sets are rewritten
+VERSION = 8
 # the tasks of an SFT conversation, with their shares
-SFT_TASKS = {"demo_arith": 0.35, "demo_count": 0.3, "demo_color": 0.15, "demo_open": 0.2}
+# (colour at 0.15 left the chat-format colour answer half learned on some runs, 0.51, though the
+# same checkpoint named the colour in pre-training's words at 0.99; at 0.25 it read 0.99)
+SFT_TASKS = {"demo_arith": 0.3, "demo_count": 0.25, "demo_color": 0.25, "demo_open": 0.2}
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
