@@ -1,19 +1,23 @@
-"""What a checkpoint sees: the demo's counting images read back as captions and as direct counts.
+"""What a checkpoint sees: the demo's held-out images read back as colour words, captions and counts.
 
-    python bench/vision_probe.py CKPT [CKPT ...] [--items 200] [--demo-dir data/demo]
+    python bench/vision_probe.py CKPT [CKPT ...] [--items 200] [--seed 0] [--batch 100]
 
-For the held-out ``demo_count`` items (the images of ``<demo-dir>/eval``, rebuilt from the demo's
-seed with their scenes), each checkpoint is asked, greedily and in pre-training's plain text
-format (no chat template, so any stage's checkpoint can be probed):
+The held-out items of ``demo_count`` and ``demo_color`` are rebuilt from the demo data's seed
+(the same images as ``<demo_dir>/eval``, with their scenes); each checkpoint is asked, greedily
+and in pre-training's plain text format (no chat template, so any stage's checkpoint can be
+probed):
 
+* ``colour``: ``<image>\\nThere is 1 shape: a`` on the one-shape images -> the colour word;
 * ``caption``: ``<image>\\n`` -> the caption; ``caption_exact`` is the share whose colour sequence
   is the scene's exactly, ``caption_count`` the share whose count of the item's colour is right;
 * ``direct``: ``<image>\\nQuestion: How many red shapes are there? Answer:`` -> the count from the
-  image alone (what the SFT model's non-thinking counting has to do); ``direct_majority`` is the
-  accuracy of always answering the most frequent count.
+  image alone (what the SFT model's non-thinking counting has to do); ``question_first`` the same
+  with the question before the image; ``direct_majority`` is the accuracy of always answering the
+  most frequent count, ``direct_answers`` how often each direct answer was given.
 
-One line per checkpoint: ``ckpt=... caption_exact=... caption_count=... direct=...``. A
-diagnostic for the demo's recipe (docs/stages.md), not part of ``make bench``.
+Answers are scored with the evaluation's own metrics (``numeric``, ``choice``). One line per
+checkpoint: ``ckpt=... colour=... caption_exact=... caption_count=... direct=...``. A diagnostic
+for the demo's recipe (docs/stages.md), not part of ``make bench``.
 """
 
 from __future__ import annotations
@@ -28,17 +32,13 @@ from typing import List, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-COLOUR_WORDS = re.compile(r"\ba (red|green|blue|yellow) ")
-
 
 def colours_of(caption: str) -> List[str]:
     """The colour sequence a caption names (``a red circle and a blue square`` -> red, blue)."""
-    return COLOUR_WORDS.findall(caption.split(" Question:")[0] + " ")
+    from datamodules.demo_tasks import COLORS
 
-
-def first_int(text: str):
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else None
+    words = re.compile(rf"\ba ({'|'.join(COLORS)}) ")
+    return words.findall(caption.split(" Question:")[0] + " ")
 
 
 def probe(ckpt: str, n: int, seed: int, batch: int) -> dict:
@@ -46,20 +46,19 @@ def probe(ckpt: str, n: int, seed: int, batch: int) -> dict:
 
     from datamodules.demo_tasks import held_out_items
     from lit_bluelm.checkpoint import load_run
+    from lit_bluelm.evaluation import score
     from lit_bluelm.generation import GenerationConfig, Generator, Prompt
     from lit_bluelm.processor import BlueLMProcessor
     from lit_bluelm.tokenizer import IMAGE
 
     torch.manual_seed(0)
-    items = held_out_items(seed, n)["demo_count"]
+    held_out = held_out_items(seed, n)
+    items, singles = held_out["demo_count"], held_out["demo_color"]
     loaded = load_run(ckpt, key="ckpt")
     processor = BlueLMProcessor.from_config(loaded.tokenizer, loaded.config.model)
     generator = Generator(loaded.model, loaded.tokenizer)
 
-    def run(texts: Sequence[str], cfg: GenerationConfig) -> List[str]:
-        return run_items(items, texts, cfg)
-
-    def run_items(items, texts: Sequence[str], cfg: GenerationConfig) -> List[str]:
+    def ask(items, texts: Sequence[str], cfg: GenerationConfig) -> List[str]:
         prompts = []
         for text, item in zip(texts, items, strict=True):
             enc = processor.encode(text, [item.image])
@@ -69,36 +68,29 @@ def probe(ckpt: str, n: int, seed: int, batch: int) -> dict:
             out += [g.text for g in generator.generate(prompts[i : i + batch], cfg)]
         return out
 
-    gold_caps = [item.thinking.split(" Question:")[0] for item in items]
-    colours = [re.search(r"How many (\w+) shapes", item.prompt).group(1) for item in items]
-    captions = run([f"{IMAGE}\n"] * len(items), GenerationConfig(max_new_tokens=48, stop=(" Question",)))
-    exact = sum(colours_of(c) == colours_of(g) for c, g in zip(captions, gold_caps, strict=True))
+    def accuracy(metric: str, answers: Sequence[str], items) -> float:
+        return sum(score(metric, a, it.answer) for a, it in zip(answers, items, strict=True)) / n
+
+    short = GenerationConfig(max_new_tokens=3, stop=(".",))
+    colour = ask(singles, [f"{IMAGE}\nThere is 1 shape: a"] * n, GenerationConfig(max_new_tokens=2))
+    captions = ask(items, [f"{IMAGE}\n"] * n, GenerationConfig(max_new_tokens=48, stop=(" Question",)))
+    asked = [re.search(r"How many (\w+) shapes", it.prompt).group(1) for it in items]
+    exact = sum(colours_of(c) == colours_of(it.thinking) for c, it in zip(captions, items, strict=True))
     cap_count = sum(
-        colours_of(c).count(k) == int(it.answer) for c, k, it in zip(captions, colours, items, strict=True)
+        colours_of(c).count(k) == int(it.answer) for c, k, it in zip(captions, asked, items, strict=True)
     )
-    direct = run(
-        [f"{IMAGE}\nQuestion: {it.prompt} Answer:" for it in items],
-        GenerationConfig(max_new_tokens=3, stop=(".",)),
-    )
-    direct_ok = sum(first_int(d) == int(it.answer) for d, it in zip(direct, items, strict=True))
-    first = run(
-        [f"Question: {it.prompt}\n{IMAGE}\nAnswer:" for it in items],
-        GenerationConfig(max_new_tokens=3, stop=(".",)),
-    )
-    first_ok = sum(first_int(d) == int(it.answer) for d, it in zip(first, items, strict=True))
+    direct = ask(items, [f"{IMAGE}\nQuestion: {it.prompt} Answer:" for it in items], short)
+    first = ask(items, [f"Question: {it.prompt}\n{IMAGE}\nAnswer:" for it in items], short)
     majority = Counter(it.answer for it in items).most_common(1)[0][1]
-    singles = held_out_items(seed, n)["demo_color"]
-    colour = run_items(singles, [f"{IMAGE}\nThere is 1 shape: a"] * n, GenerationConfig(max_new_tokens=2))
-    colour_ok = sum(c.strip().startswith(it.answer) for c, it in zip(colour, singles, strict=True))
     return {
         "ckpt": ckpt,
-        "colour": colour_ok / n,
+        "colour": accuracy("choice", colour, singles),
         "caption_exact": exact / n,
         "caption_count": cap_count / n,
-        "direct": direct_ok / n,
-        "question_first": first_ok / n,
+        "direct": accuracy("numeric", direct, items),
+        "question_first": accuracy("numeric", first, items),
         "direct_majority": majority / n,
-        "direct_answers": dict(Counter(str(first_int(d)) for d in direct)),
+        "direct_answers": dict(Counter(d.strip().rstrip(".") for d in direct)),
     }
 
 
