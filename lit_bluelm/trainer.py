@@ -3,8 +3,10 @@ the tests call :func:`fit_stage`; the strategy/precision mapping is ``lit_bluelm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -62,15 +64,19 @@ def attach_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
 
 
 def check_run_dir(cfg: DictConfig) -> None:
-    """``run_dir`` can be created and written (one line and exit 2 otherwise, before any work)."""
-    run_dir = Path(cfg.run_dir)
-    probe = run_dir / f".write-test-{os.getpid()}"
+    """``run_dir`` can be created and written (one line and exit 2 otherwise, before any work).
+    Nothing is created: the probe file goes into the nearest folder that exists, so a run
+    refused by a later check leaves no empty run folder behind."""
+    run_dir = Path(cfg.run_dir).absolute()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(f"'{existing}' is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
-        raise ConfigError(f"run_dir: cannot write to '{run_dir}': {err.strerror or err}") from None
+        raise ConfigError(f"run_dir: cannot write to '{cfg.run_dir}': {err.strerror or err}") from None
 
 
 def resumed_step(cfg: DictConfig) -> Optional[int]:
@@ -234,6 +240,8 @@ def _fit_stage(cfg: DictConfig) -> Dict[str, Any]:
                     if k.startswith(prefix)
                 }
             }
+        with contextlib.suppress(OSError):  # a run stopped before prepare() made its folder
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         if Path(cfg.run_dir).is_dir():
             write_summary(cfg.run_dir, {"stage": cfg.stage, "module": cfg.module, **summary, **by_source})
         print_summary({k: v for k, v in summary.items() if k != "error"})

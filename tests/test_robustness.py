@@ -310,6 +310,13 @@ def test_an_unusable_run_dir_is_one_line_and_exit_2(demo_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: run_dir: cannot write to")
 
 
+def test_a_refused_run_leaves_no_run_dir_behind(demo_dir, tmp_path, capsys):
+    run_dir = tmp_path / "nested" / "run"
+    assert train.main(tiny_args(demo_dir, run_dir, "optim.name=sgd")) == 2  # refused after check_run_dir
+    assert "optim.name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_signal_is_a_stop_request_in_training_and_immediate_outside():
     from lit_bluelm.status import Preempted, StopSignals, active, handle_signals
 
