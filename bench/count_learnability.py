@@ -49,7 +49,8 @@ def prompt_text(color: str, order: str) -> str:
     return f"{IMAGE}\nQuestion: {question} Answer: "
 
 
-def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> None:
+def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List[dict]:
+    """Train one arm from ``ckpt``; print and return a row per evaluation."""
     import torch
     import torch.nn.functional as F
 
@@ -108,6 +109,7 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> None
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     rng, trained_s = random.Random(f"count_learnability/{args.seed}"), 0.0
+    rows_out: List[dict] = []
     for step in range(1, args.steps + 1):
         rows = []
         while len(rows) < args.batch:
@@ -129,12 +131,24 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> None
         trained_s += time.perf_counter() - start
         if step % args.every == 0 or step == args.steps:
             accuracy, answers = evaluate()
+            rows_out.append(
+                {
+                    "order": order,
+                    "loss": loss_kind,
+                    "step": step,
+                    "examples": step * args.batch,
+                    "train_s": trained_s,
+                    "accuracy": accuracy,
+                    "majority": majority,
+                }
+            )
             print(
                 f"order={order} loss={loss_kind} step={step} examples={step * args.batch} "
                 f"train_s={trained_s:.1f} accuracy={accuracy:.3f} majority={majority:.3f} "
                 f"answers={dict(answers.most_common(5))}",
                 flush=True,
             )
+    return rows_out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
