@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_CKPT = "runs/demo/joint/checkpoints/last.ckpt"
+ASKED = re.compile(r"How many (\w+) shapes")
 
 
 def prompt_text(color: str, order: str) -> str:
@@ -68,6 +70,9 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
     held = held_out_items(args.seed, args.items)["demo_count"]
     held_keys = {item.key for item in held}
     majority = Counter(item.answer for item in held).most_common(1)[0][1] / len(held)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Answer: ", "Answer: 1")]
+    if ids[1][:-1] != ids[0]:  # the prompt must end where the count's one token begins
+        raise SystemExit(f"{ckpt}: its tokenizer does not give a count a token of its own")
 
     def encode(color: str, image, answer: str | None):
         """(ids, pixel values, labels): the labels train the answer (and, for ``lm``, the text)."""
@@ -95,7 +100,7 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
         with torch.no_grad():
             for start in range(0, len(held), 50):
                 chunk = held[start : start + 50]
-                rows = [encode(item.prompt.split()[2], item.image, None) for item in chunk]
+                rows = [encode(ASKED.search(item.prompt).group(1), item.image, None) for item in chunk]
                 ids, mask, _, pixels = batch(rows)
                 logits = model(ids, attention_mask=mask, pixel_values=pixels)
                 last = logits[torch.arange(len(ids)), mask.sum(1) - 1]
