@@ -51,14 +51,16 @@ def prompt_text(color: str, order: str) -> str:
     return f"{IMAGE}\nQuestion: {question} Answer: "
 
 
-def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List[dict]:
-    """Train one arm from ``ckpt``; print and return a row per evaluation."""
+def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> None:
+    """Train one arm from ``ckpt``, printing a line per evaluation."""
     import torch
     import torch.nn.functional as F
 
+    from datamodules.collate import Collator
     from datamodules.demo_tasks import asked_color, color_question, held_out_items, image_key, scene
+    from datamodules.kinds import IGNORE_INDEX
     from lit_bluelm.checkpoint import load_run
-    from lit_bluelm.labels import IGNORE_INDEX
+    from lit_bluelm.evaluation import score
     from lit_bluelm.processor import BlueLMProcessor
 
     torch.manual_seed(0)
@@ -70,12 +72,14 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
     held = held_out_items(args.seed, args.items)["demo_count"]
     held_keys = {item.key for item in held}
     majority = Counter(item.answer for item in held).most_common(1)[0][1] / len(held)
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Answer: ", "Answer: 1")]
-    if ids[1][:-1] != ids[0]:  # the prompt must end where the count's one token begins
+    split = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Answer: ", "Answer: 1")]
+    if split[1][:-1] != split[0]:  # the prompt must end where the count's one token begins
         raise SystemExit(f"{ckpt}: its tokenizer does not give a count a token of its own")
 
-    def encode(color: str, image, answer: str | None):
-        """(ids, pixel values, labels): the labels train the answer (and, for ``lm``, the text)."""
+    collate = Collator(tokenizer.pad_token_id, pad_to_multiple=1)
+
+    def encode(color: str, image, answer: str | None) -> dict:
+        """An example whose labels train the answer (and, for ``lm``, the text)."""
         enc = processor.encode(prompt_text(color, order) + (answer or ""), [image])
         ids = torch.tensor(enc.input_ids)
         labels = torch.full_like(ids, IGNORE_INDEX)
@@ -83,16 +87,12 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
             if loss_kind == "lm":
                 labels = torch.where(ids == model.image_token_id, IGNORE_INDEX, ids)
             labels[-1] = ids[-1]
-        return ids, enc.pixel_values, labels
+        return {"input_ids": ids, "labels": labels, "pixel_values": enc.pixel_values}
 
-    def batch(rows: List[Tuple]):
-        length = max(len(ids) for ids, _, _ in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
-        for k, (i, _, lab) in enumerate(rows):  # right padding, masked out
-            ids[k, : len(i)], labels[k, : len(i)], mask[k, : len(i)] = i, lab, 1
-        return ids, mask, labels, torch.cat([p for _, p, _ in rows])
+    def forward(examples: List[dict]):
+        """Right-padded like the training batches: (logits, the batch)."""
+        b = collate(examples)
+        return model(b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]), b
 
     def evaluate() -> Tuple[float, Counter]:
         model.eval()
@@ -100,13 +100,13 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
         with torch.no_grad():
             for start in range(0, len(held), 50):
                 chunk = held[start : start + 50]
-                rows = [encode(ASKED.search(item.prompt).group(1), item.image, None) for item in chunk]
-                ids, mask, _, pixels = batch(rows)
-                logits = model(ids, attention_mask=mask, pixel_values=pixels)
-                last = logits[torch.arange(len(ids)), mask.sum(1) - 1]
+                logits, b = forward(
+                    [encode(ASKED.search(it.prompt).group(1), it.image, None) for it in chunk]
+                )
+                last = logits[torch.arange(len(chunk)), b["attention_mask"].sum(1) - 1]
                 answers += tokenizer.convert_ids_to_tokens(last.argmax(-1).tolist())
         model.train()
-        right = sum(a == item.answer for a, item in zip(answers, held, strict=True))
+        right = sum(score(it.metric, a, it.answer) for a, it in zip(answers, held, strict=True))
         return right / len(held), Counter(answers)
 
     for name, p in model.named_parameters():
@@ -114,7 +114,6 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     rng, trained_s = random.Random(f"count_learnability/{args.seed}"), 0.0
-    rows_out: List[dict] = []
     for step in range(1, args.steps + 1):
         rows = []
         while len(rows) < args.batch:
@@ -124,11 +123,10 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
             color = asked_color(rng, objects)
             _, count = color_question(objects, color)
             rows.append(encode(color, image, str(count)))
-        ids, mask, labels, pixels = batch(rows)
         start = time.perf_counter()
-        logits = model(ids, attention_mask=mask, pixel_values=pixels)
+        logits, b = forward(rows)
         loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
         opt.zero_grad()
         loss.backward()
@@ -136,24 +134,12 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> List
         trained_s += time.perf_counter() - start
         if step % args.every == 0 or step == args.steps:
             accuracy, answers = evaluate()
-            rows_out.append(
-                {
-                    "order": order,
-                    "loss": loss_kind,
-                    "step": step,
-                    "examples": step * args.batch,
-                    "train_s": trained_s,
-                    "accuracy": accuracy,
-                    "majority": majority,
-                }
-            )
             print(
                 f"order={order} loss={loss_kind} step={step} examples={step * args.batch} "
                 f"train_s={trained_s:.1f} accuracy={accuracy:.3f} majority={majority:.3f} "
                 f"answers={dict(answers.most_common(5))}",
                 flush=True,
             )
-    return rows_out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
