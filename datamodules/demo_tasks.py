@@ -5,9 +5,11 @@ conversations and held-out evaluation items by :mod:`datamodules.demo`.
 * ``demo_arith``: the sum of 3-5 numbers of 1-2 digits; the thinking keeps a running total,
   adding a two-digit number's tens and then its ones (easy step by step, hard in one shot for a
   tiny model).
-* ``demo_count``: how many shapes of a colour are in an image of 2-4 shapes; the thinking describes
-  the image and answers the question from the description, in the words of pre-training's image
-  texts (``There are 2 shapes: ... Question: How many red shapes are there? Answer: 1.``).
+* ``demo_count``: how many shapes of a colour are in an image of 2-4 shapes, asked before the image
+  (``How many red shapes are there?\n<image>``: the image tokens then come after the colour they
+  are to be matched with, which the tiny model learns far sooner than the reverse; see
+  docs/stages.md); the thinking is one short sentence (``I count the red shapes in the image:
+  1.``).
 * ``demo_color``: the colour of the one shape in an image; a direct answer (thinking adds little).
 * ``demo_open``: short open answers about invented kingdoms (their capital, river, flag).
 
@@ -43,7 +45,8 @@ METRICS = {"demo_arith": "numeric", "demo_count": "numeric", "demo_color": "choi
 @dataclass(frozen=True)
 class Item:
     """One task item. ``prompt`` is the user's question without the image marker: an item with an
-    image is asked as ``<image>\\n{prompt}`` (:meth:`user_content`)."""
+    image is asked as ``<image>\\n{prompt}``, or as ``{prompt}\\n<image>`` when
+    ``question_first`` (:meth:`user_content`)."""
 
     task: str
     prompt: str
@@ -51,13 +54,16 @@ class Item:
     answer: str
     key: str
     image: Optional[Image.Image] = None
+    question_first: bool = False
 
     @property
     def metric(self) -> str:
         return METRICS[self.task]
 
     def user_content(self) -> str:
-        return f"{IMAGE}\n{self.prompt}" if self.image is not None else self.prompt
+        if self.image is None:
+            return self.prompt
+        return f"{self.prompt}\n{IMAGE}" if self.question_first else f"{IMAGE}\n{self.prompt}"
 
 
 def image_key(image: Image.Image) -> str:
@@ -173,14 +179,15 @@ def arith_item(rng: random.Random) -> Item:
 def count_item(rng: random.Random) -> Item:
     image, objects = scene(rng, 2, 4)  # the scenes of pre-training's captions hold 1-4 shapes
     color = asked_color(rng, objects)
-    question, count = color_question(objects, color)
+    _, count = color_question(objects, color)
     return Item(
         "demo_count",
         f"How many {color} shapes are there?",
-        f"{caption(objects)} Question: {question}",
+        f"I count the {color} shapes in the image: {count}.",
         str(count),
         image_key(image),
         image,
+        question_first=True,
     )
 
 

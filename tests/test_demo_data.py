@@ -15,7 +15,7 @@ from datamodules.demo_tasks import (
     COLORS,
     EVAL_TASKS,
     arith_item,
-    caption,
+    color_item,
     count_item,
     fresh,
     held_out_items,
@@ -56,7 +56,12 @@ def test_held_out_sets_have_300_items_in_the_documented_format(demo_dir):
             if "image" in line:  # relative to the file
                 Image.open(demo_dir / "eval" / line["image"]).verify()
     assert all("image" not in line for line in _eval_lines(demo_dir, "demo_arith"))
-    assert all("image" in line for line in _eval_lines(demo_dir, "demo_count"))
+    # counting is asked as SFT asks it: the question, then the image
+    assert all(
+        "image" in line and line["prompt"].endswith("?\n<image>")
+        for line in _eval_lines(demo_dir, "demo_count")
+    )
+    assert all("<image>" not in line["prompt"] for line in _eval_lines(demo_dir, "demo_color"))
     arith = _eval_lines(demo_dir, "demo_arith")
     assert len({line["prompt"] for line in arith}) == len(arith)  # distinct items
     for line in arith:  # the answer is the sum the prompt asks for
@@ -97,10 +102,16 @@ def test_the_worked_thinking_of_each_task():
     # a one-digit number in one step; a two-digit number's tens, then its ones
     assert (item.prompt, item.thinking) == ("What is 26 + 8 + 18?", "26 + 8 = 34. 34 + 10 = 44, 44 + 8 = 52.")
     counted = count_item(random.Random(4))
-    assert counted.user_content().startswith("<image>\n")
-    # counting describes the image and answers from the description, as pre-training's texts do
+    # counting asks before the image, so the image tokens come after the colour they are matched with
+    assert counted.user_content() == f"{counted.prompt}\n<image>"
+    assert color_item(random.Random(4)).user_content().startswith("<image>\n")
+    # its thinking names the asked colour and the count of that colour in the scene
     _, objects = scene(random.Random(4), 2, 4)
-    assert counted.thinking == f"{caption(objects)} Question: {counted.prompt} Answer: {counted.answer}."
+    color = counted.prompt.removeprefix("How many ").removesuffix(" shapes are there?")
+    count = sum(c == color for c, _ in objects)
+    assert counted.thinking == f"I count the {color} shapes in the image: {count}." and counted.answer == str(
+        count
+    )
 
 
 def _cell_colours(image):
