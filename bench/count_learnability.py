@@ -54,13 +54,13 @@ def prompt_text(color: str, order: str) -> str:
 def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> None:
     """Train one arm from ``ckpt``, printing a line per evaluation."""
     import torch
-    import torch.nn.functional as F
 
     from datamodules.collate import Collator
     from datamodules.demo_tasks import asked_color, color_question, held_out_items, image_key, scene
     from datamodules.kinds import IGNORE_INDEX
     from lit_bluelm.checkpoint import load_run
     from lit_bluelm.evaluation import score
+    from lit_bluelm.objectives.lm import next_token_loss
     from lit_bluelm.processor import BlueLMProcessor
 
     torch.manual_seed(0)
@@ -125,9 +125,7 @@ def arm(ckpt: str, order: str, loss_kind: str, args: argparse.Namespace) -> None
             rows.append(encode(color, image, str(count)))
         start = time.perf_counter()
         logits, b = forward(rows)
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        loss, _ = next_token_loss(logits, b["labels"])
         opt.zero_grad()
         loss.backward()
         opt.step()
