@@ -12,6 +12,11 @@ Writes, for each split ``{train,val}``:
   scene counted one by one);
 * ``sft_think-NNNNNN.tar`` / ``sft_nothink-NNNNNN.tar``: chat conversations of the demo tasks
   (:mod:`datamodules.demo_tasks`) in the thinking and the non-thinking mode, images as ``0.png``;
+* ``passkey-NNNNNN.tar``: short needle-in-a-haystack documents (:mod:`lit_bluelm.needle`, up to
+  about 400 tokens: within the tiny model's original context), for the reasoning stage;
+* ``long-NNNNNN.tar``: long documents (about 500 to 2,000 tokens) of filler and facts with a
+  passkey, or named codes, far back and a question about them at the end, for the long-context
+  stage;
 
 and ``<out>/eval/<task>.jsonl`` (+ ``eval/images/``), the held-out items of ``demo_arith``,
 ``demo_count`` and ``demo_color``, none of which occurs in any shard, and ``<out>/tokenizer``
@@ -53,6 +58,7 @@ from datamodules.demo_tasks import (
     task_makers,
 )
 from lit_bluelm.chat import cot_messages, render_chat
+from lit_bluelm.needle import FILLER, passkey_document, records_document
 from lit_bluelm.tokenizer import train_tokenizer
 
 MARKER = ".complete"
@@ -63,8 +69,9 @@ MARKER = ".complete"
 # caption and answers from it, a third of image texts ask a colour's count before the caption, 8:
 # SFT task shares arith 0.3, count 0.25, colour 0.25, 9: counting asks the question before the
 # image and thinks one short sentence, SFT task shares arith 0.25, count 0.45, colour 0.2, open
-# 0.1, three times the SFT conversations); older sets are rewritten
-VERSION = 9
+# 0.1, three times the SFT conversations, 10: passkey and long documents, the tokenizer trained
+# on some of them); older sets are rewritten
+VERSION = 10
 # the tasks of an SFT conversation, with their shares
 # (colour at 0.15 left the chat-format colour answer half learned on some runs, 0.51, though the
 # same checkpoint named the colour in pre-training's words at 0.99; at 0.25 it read 0.99; counting
@@ -94,6 +101,7 @@ class DemoSpec:
     train_per_shard: int = 400
     sft_scale: int = 3  # SFT's train shards hold this many times train_per_shard (it trains longest)
     val_per_shard: int = 64
+    long_per_shard: int = 48  # long documents per train shard (a val shard holds a sixth)
     vocab_size: int = 1024
     eval_items: int = 300  # held-out items per evaluation task
     seed: int = 0
@@ -172,6 +180,30 @@ def cot_sample(rng: random.Random, held_out: FrozenSet[str]) -> Dict[str, str]:
     return counting_cot(rng)
 
 
+def haystack(table: List[Dict[str, str]]):
+    """Filler for the demo's needle documents: the classic haystack sentences, and one in three a
+    fact about the kingdoms."""
+
+    def filler(rng: random.Random) -> str:
+        return " " + fact_text(rng, table) if rng.random() < 1 / 3 else rng.choice(FILLER)
+
+    return filler
+
+
+def passkey_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
+    """A short needle document: 4 to 50 filler sentences (up to about 400 tokens)."""
+    return passkey_document(rng, rng.randint(4, 50), haystack(table))
+
+
+def long_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
+    """A long document of 70 to 260 filler sentences (about 500 to 2,000 tokens): a passkey, or
+    two to four named codes, far back, and the question at the end."""
+    sentences = rng.randint(70, 260)
+    if rng.random() < 0.5:
+        return passkey_document(rng, sentences, haystack(table))
+    return records_document(rng, sentences, [k["kingdom"] for k in table], haystack(table))
+
+
 def text_sample(
     rng: random.Random, table: List[Dict[str, str]], held_out: FrozenSet[str]
 ) -> Tuple[str, Dict]:
@@ -242,6 +274,20 @@ def _text_samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Ite
             yield {"__key__": key, "json": json.dumps({"text": text, **meta}).encode()}
 
 
+def _document_samples(make, tokenizer_share: int):
+    """Text documents of ``make(rng, table)``; one in ``tokenizer_share`` also trains the
+    tokenizer (the filler repeats: a few teach it the words)."""
+
+    def samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
+        for i in range(n):
+            text = make(rng, ctx.table)
+            if i % tokenizer_share == 0:
+                ctx.texts.append(text)
+            yield {"__key__": f"{prefix}-{i:05d}", "txt": text.encode()}
+
+    return samples
+
+
 def _cot_samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
     for i in range(n):
         sample = cot_sample(rng, ctx.held_out)
@@ -271,6 +317,8 @@ SOURCES = {  # source name -> writer of its samples
     "cot": _cot_samples,
     "sft_think": _sft_samples(think=True),
     "sft_nothink": _sft_samples(think=False),
+    "passkey": _document_samples(passkey_text, 4),
+    "long": _document_samples(long_text, 8),
 }
 
 
@@ -299,6 +347,14 @@ def write_eval(out: Path, items: Dict[str, List[Item]]) -> None:
                 f.write(json.dumps(line) + "\n")
 
 
+def _samples_per_shard(spec: DemoSpec, split: str, name: str, per_shard: int) -> int:
+    if name == "long":
+        return spec.long_per_shard if split == "train" else max(1, spec.long_per_shard // 6)
+    if split == "train" and name.startswith("sft_"):
+        return per_shard * spec.sft_scale
+    return per_shard
+
+
 def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False) -> Path:
     """Write the demo shards, held-out evaluation items and tokenizer to ``out`` (atomically: a
     crash leaves no half set)."""
@@ -323,7 +379,7 @@ def write_demo(out: str | Path, spec: DemoSpec = DemoSpec(), force: bool = False
         for s in range(shards):
             for name, samples in SOURCES.items():
                 rng = random.Random(f"{spec.seed}/{split}/{name}/{s}")
-                n = per_shard * spec.sft_scale if split == "train" and name.startswith("sft_") else per_shard
+                n = _samples_per_shard(spec, split, name, per_shard)
                 _write_shard(tmp / split / f"{name}-{s:06d}.tar", samples(rng, ctx, f"{split}-{name}{s}", n))
     train_tokenizer(train_texts, spec.vocab_size, tmp / "tokenizer")
     (tmp / MARKER).write_text(json.dumps({"version": VERSION, **spec.__dict__}))

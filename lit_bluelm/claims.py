@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lit_bluelm.evaluation import Row
+from lit_bluelm.needle import PasskeyRow, by_length
 
 ARITH = "demo_arith"
 BUDGETS = (0, 8, 32, 128)
@@ -23,6 +24,11 @@ TOP = max(BUDGETS)
 THINK_GAIN = 0.40  # demo_arith: think@128 over no-think, on every seed
 PERCEPTION = {"demo_color": 0.90, "demo_count": 0.70}  # no-think accuracy of the image tasks
 THINK_HURTS = 0.05  # image tasks: think@128 may trail no-think by at most this
+PASSKEY_GAIN = (4.0, 0.20)  # at 4x the original context, after the switch >= before + 0.20
+PASSKEY_KEEP = (1.0, -0.05)  # at 1x, after >= before - 0.05 (accuracies averaged over depths)
+SHORT_LOSS = 1.05  # the reasoning stage's validation sources: loss after long context <= 1.05 x
+LONG = "long_context"
+SHORT = "long_context_short"  # the long-context model on the reasoning stage's validation sources
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class Evidence:
 
     summaries: Dict[str, dict] = field(default_factory=dict)
     rows: List[Row] = field(default_factory=list)
+    # the passkey evaluation "before" (the reasoning checkpoint) and "after" (the long-context one)
+    passkey: Dict[str, List[PasskeyRow]] = field(default_factory=dict)
 
     def row(self, task: str, mode: str, budget: Optional[int] = None) -> Optional[Row]:
         budget = None if mode == "no_think" else budget
@@ -120,6 +128,28 @@ def _thinking_keeps(task: str) -> Callable[[Evidence], Optional[Claim]]:
     return claim
 
 
+def _passkey(factor: float, threshold: float) -> Callable[[Evidence], Optional[Claim]]:
+    def claim(ev: Evidence) -> Optional[Claim]:
+        before, after = (by_length(ev.passkey.get(k, [])) for k in ("before", "after"))
+        if factor not in before or factor not in after:
+            return None
+        return _at_least(f"passkey at {factor:g}x context: after - before", after[factor] - before[factor], threshold)
+
+    return claim
+
+
+def short_context_kept(ev: Evidence) -> Optional[Claim]:
+    """The worst ratio, over the reasoning stage's validation sources, of the long-context model's
+    loss (``long_context_short``: the same validation batches) to the reasoning model's."""
+    before = (ev.summaries.get("reasoning") or {}).get("val_loss_after_by_source") or {}
+    after = (ev.summaries.get(SHORT) or {}).get("val_loss_after_by_source") or {}
+    common = [k for k in before if k in after and before[k]]
+    if not common:
+        return None
+    worst = max(after[k] / before[k] for k in common)
+    return Claim(f"{LONG}: reasoning val/loss by source, after / before", f"<= {SHORT_LOSS:g}", worst, worst <= SHORT_LOSS)
+
+
 # (claim, how it is judged over seeds: "every" seed or the seeds' "mean")
 CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (distilled_beats_scratch, "every"),
@@ -128,6 +158,9 @@ CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (budget_monotone, "mean"),
     *((_perception(task, threshold), "every") for task, threshold in PERCEPTION.items()),
     *((_thinking_keeps(task), "every") for task in PERCEPTION),
+    (_passkey(*PASSKEY_GAIN), "every"),
+    (_passkey(*PASSKEY_KEEP), "every"),
+    (short_context_kept, "every"),
 )
 
 
@@ -173,7 +206,7 @@ class SeedClaim:
 
 def over_seeds(runs: Sequence[Evidence]) -> List[SeedClaim]:
     """Each claim over the seeds' runs: the mean and the min of its values, met as it is judged."""
-    on_mean = Evidence(rows=mean_rows([ev.rows for ev in runs]))
+    on_mean = Evidence(rows=mean_rows([ev.rows for ev in runs]))  # only "mean" claims read it
     out = []
     for fn, judged_on in CLAIMS:
         claims = [fn(ev) for ev in runs]

@@ -5,15 +5,20 @@
 Runs each stage of :data:`STAGES` as ``train.py`` would with the arguments it prints
 (``$ python train.py ...``), into ``<runs>/<name>``: a larger stage-1
 teacher, the tiny student trained from scratch (the baseline), the student pruned out of the
-teacher and distilled, joint pre-training, the reasoning stage and SFT; then it evaluates the SFT
-checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128). It ends with the table
-of ``lit_bluelm.summary`` and the block of claims (:mod:`lit_bluelm.claims`: ``claim ... target
-... measured ... met|missed``), writes ``<runs>/report.md`` (:mod:`lit_bluelm.report`) and exits 1
-when a claim is missed.
+teacher and distilled, joint pre-training, the reasoning stage, the long-context stage (YaRN,
+rows of 4x the original context), the long-context model validated on the reasoning stage's
+sources (``long_context_short``: ``trainer.max_steps=0``, no training) and SFT; then it
+evaluates the SFT checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128) and
+passkey retrieval before the context switch (``passkey_before``: the reasoning checkpoint,
+``extrapolate=true``) and after it (``passkey_after``: the long-context checkpoint). It ends with
+the table of ``lit_bluelm.summary`` and the block of claims (:mod:`lit_bluelm.claims`: ``claim ...
+target ... measured ... met|missed``), writes ``<runs>/report.md`` (:mod:`lit_bluelm.report`) and
+exits 1 when a claim is missed.
 
 ``--from RUN`` (a stage name, or its run folder) reruns from that stage on (each rerun stage's
 folder is emptied first) and reuses the checkpoints of the runs before it, so a change to a late
-stage costs minutes, not the whole pipeline (``--from eval_sft`` reruns only the evaluation).
+stage costs minutes, not the whole pipeline (``--from eval_sft``, or either passkey evaluation,
+reruns only the evaluations).
 ``--seeds N`` (``make demo-seeds``) reruns the stages after the text stage, from ``<runs>/text``,
 with ``seed`` and ``data.seed`` set to 1234 + k into ``<runs>_seed<k>`` (k = 1..N), and prints
 each claim's mean and min over the seeds. ``key=value`` arguments are added to every stage
@@ -42,6 +47,7 @@ from lit_bluelm.summary import write_json
 class Stage:
     name: str
     args: Tuple[str, ...]  # train.py arguments; {runs} is the runs folder
+    trains: bool = True  # False: validation only (trainer.max_steps=0), no checkpoint
 
 
 def _last(name: str) -> str:
@@ -56,12 +62,31 @@ STAGES: Tuple[Stage, ...] = (
     ),
     Stage("joint", ("stage=joint", "init_from={base}/text/checkpoints/last.ckpt")),
     Stage("reasoning", ("stage=reasoning", f"init_from={_last('joint')}")),
-    Stage("sft", ("stage=sft", f"init_from={_last('reasoning')}")),
+    # rows of 4x the original context (the stage's default is the switched 8x): the demo's
+    # share of the 20 minutes; the passkey evaluation reads 8x too
+    Stage("long_context", ("stage=long_context", f"init_from={_last('reasoning')}", "data.seq_len=2048")),
+    # no training: the long-context model validated on the reasoning stage's sources (the same
+    # batches as the reasoning run's), so the claims can compare their losses source by source
+    Stage(
+        "long_context_short",
+        (
+            "stage=reasoning",
+            f"init_from={_last('long_context')}",
+            "trainer.max_steps=0",
+            "validate_before_fit=false",
+        ),
+        trains=False,
+    ),
+    Stage("sft", ("stage=sft", f"init_from={_last('long_context')}")),
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
 TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the ones after them
 EVAL = "eval_sft"  # the SFT checkpoint evaluated on the demo tasks, into <runs>/eval_sft
 EVAL_BUDGETS = (0, 8, 32, 128)
+# passkey retrieval before the context switch (the reasoning checkpoint, measured beyond its
+# context) and after it (the long-context checkpoint), into <runs>/passkey_before|after
+PASSKEY = {"passkey_before": ("reasoning", True), "passkey_after": ("long_context", False)}
+EVALS = (EVAL, *PASSKEY)  # --from any of them reruns them all (a minute)
 DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
 
 
@@ -76,13 +101,44 @@ def eval_argv(runs: str, demo_dir: str) -> List[str]:
     ]
 
 
-def run_eval(runs: str, demo_dir: str) -> list:
-    """Evaluate ``<runs>/sft`` on every demo task, both modes, the demo budgets; its rows."""
+def passkey_argv(runs: str, name: str) -> List[str]:
+    """The ``python -m lit_bluelm.evaluate`` arguments of the passkey evaluation ``name``."""
+    stage, extrapolate = PASSKEY[name]
+    return [
+        f"ckpt={runs}/{stage}/checkpoints/last.ckpt",
+        f"out={runs}/{name}",
+        "tasks=[passkey]",
+        "batch_size=50",
+        *(["extrapolate=true"] if extrapolate else []),
+    ]
+
+
+def _evaluate(argv: List[str]) -> list:
     from lit_bluelm.evaluate import parse_args, run
 
-    argv = eval_argv(runs, demo_dir)
     print(f"\n$ python -m lit_bluelm.evaluate {' '.join(argv)}", flush=True)
     return run(parse_args(argv))
+
+
+def run_eval(runs: str, demo_dir: str) -> list:
+    """Evaluate ``<runs>/sft`` on every demo task, both modes, the demo budgets; its rows."""
+    return _evaluate(eval_argv(runs, demo_dir))
+
+
+def run_evals(runs: str, demo_dir: str, seconds: Dict[str, float]) -> Tuple[list, dict]:
+    """The demo's evaluations (:data:`EVALS`): the SFT rows and the passkey rows by "before" /
+    "after"; the time of each goes into ``seconds``."""
+    passkey = {}
+    began = time.time()
+    rows = run_eval(runs, demo_dir)
+    seconds[EVAL] = time.time() - began
+    for name in PASSKEY:
+        began = time.time()
+        passkey[name.split("_", 1)[1]] = _evaluate(passkey_argv(runs, name))
+        seconds[name] = time.time() - began
+    for name in EVALS:
+        print(f"{name}: {seconds[name]:.0f}s", flush=True)
+    return rows, passkey
 
 
 def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = (), base: Optional[str] = None) -> List[str]:
@@ -97,14 +153,14 @@ def first_stage(start: Optional[str], runs: str) -> int:
     if not start:
         return 0
     name = Path(start).name
-    names = [s.name for s in STAGES] + [EVAL]
+    names = [s.name for s in STAGES] + list(EVALS)
     if name not in names:
         raise ConfigError(f"--from: unknown run '{start}'; valid: {', '.join(names)}")
     index = names.index(name)
     for stage in STAGES[: min(index, len(STAGES))]:
         ckpt = Path(runs) / stage.name / "checkpoints" / "last.ckpt"
         summary = Path(runs) / stage.name / "summary.json"
-        if not summary.is_file() or not ckpt.exists():
+        if not summary.is_file() or (stage.trains and not ckpt.exists()):
             raise ConfigError(
                 f"--from {name} reuses {Path(runs) / stage.name}, which has not finished "
                 f"(no summary.json or {ckpt}); run the whole demo first"
@@ -145,10 +201,10 @@ def run_stages(stages: Sequence[Stage], runs: str, extra: Sequence[str], base: O
     return seconds, 0
 
 
-def evidence(runs: str, stages: Sequence[Stage], rows: list) -> Evidence:
+def evidence(runs: str, stages: Sequence[Stage], rows: list, passkey: dict) -> Evidence:
     from lit_bluelm.summary import load_summary
 
-    return Evidence({s.name: load_summary(f"{runs}/{s.name}") for s in stages}, list(rows))
+    return Evidence({s.name: load_summary(f"{runs}/{s.name}") for s in stages}, list(rows), dict(passkey))
 
 
 def report_claims(claims: Sequence[Claim], rows: list) -> None:
@@ -168,19 +224,18 @@ def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> 
     seconds.update(ran)
     if code:
         return code
-    began = time.time()
-    rows = run_eval(runs, demo_dir)
-    seconds[EVAL] = time.time() - began
-    print(f"{EVAL}: {seconds[EVAL]:.0f}s\n", flush=True)
+    rows, passkey = run_evals(runs, demo_dir, seconds)
+    print()
     print_table([f"{runs}/{s.name}" for s in STAGES])
     check_better(*(f"{runs}/{name}" for name in BETTER))
-    claims = judge(evidence(runs, STAGES, rows))
+    claims = judge(evidence(runs, STAGES, rows, passkey))
     report_claims(claims, rows)
     record = {
         **stamp(),
         "machine": machine(),
         "runs": [f"{runs}/{s.name}" for s in STAGES],
         "eval": f"{runs}/{EVAL}",
+        "passkey": {name: f"{runs}/{name}" for name in PASSKEY},
         "seconds": {name: round(sec, 1) for name, sec in seconds.items()},
         "claims": [asdict(c) for c in claims],
     }
@@ -208,7 +263,7 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str) -> int
         _, code = run_stages(STAGES[TEXT_STAGES:], folder, extra, base=runs)
         if code:
             return code
-        ev = evidence(folder, STAGES[TEXT_STAGES:], run_eval(folder, demo_dir))
+        ev = evidence(folder, STAGES[TEXT_STAGES:], *run_evals(folder, demo_dir, {}))
         per_seed.append(ev)
         print(f"\nseed {seed} ({folder}):")
         report_claims(judge(ev), ev.rows)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from lit_bluelm.checkpoint import newest_resumable, read_meta, recover_checkpoint, saved_config
 from lit_bluelm.config import load_config
+from lit_bluelm.errors import ConfigError
 from lit_bluelm.frozen import resolve_source
 from lit_bluelm.models.weights import check_hf_weights, check_weights_file
 
@@ -35,6 +36,7 @@ def resolve_inputs(cfg: DictConfig) -> DictConfig:
     resolve_checkpoints(cfg)
     check_teacher(cfg)
     inherit_context(cfg)
+    resolve_seq_len(cfg)
     check_weights(cfg)
     return cfg
 
@@ -74,6 +76,25 @@ def inherit_context(cfg: DictConfig) -> None:
     rope = ((saved or {}).get("context") or {}).get("rope")
     if rope is not None:
         cfg.context.rope = rope
+
+
+def resolve_seq_len(cfg: DictConfig) -> None:
+    """``data.seq_len: null`` becomes the model's context (``max_position_embeddings`` after the
+    stage's ``context.rope``); a row longer than that context is refused: its positions would be
+    ones the model's RoPE was never set up for."""
+    from lit_bluelm.models.llm import llm_config
+
+    if cfg.model.llm.name == "from_pretrained" and not Path(str(cfg.model.llm.path)).is_dir():
+        return  # the loader names the missing folder
+    context = llm_config(cfg.model.llm, cfg.context.rope).max_position_embeddings
+    if cfg.data.seq_len is None:
+        cfg.data.seq_len = int(context)
+    elif cfg.data.seq_len > context:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {context} tokens "
+            "(model.llm max_position_embeddings, scaled by context.rope); extend it with a "
+            "long-context stage (stage=long_context) or shorten the rows"
+        )
 
 
 def check_weights(cfg: DictConfig) -> None:

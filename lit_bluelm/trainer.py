@@ -192,7 +192,8 @@ def _fit_stage(cfg: DictConfig) -> Dict[str, Any]:
         run["before"] = {name: None for name in names}
         if cfg.validate_before_fit and not cfg.resume_from:
             run["before"] = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False), names)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
+        if cfg.trainer.max_steps > 0:  # 0: validation only (the starting weights, as val_*_after)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from, weights_only=True)
         signals = active()
         if signals is not None and signals.requested:  # during the last step: no validation now
             raise Preempted(signals.signum)

@@ -7,6 +7,7 @@ import pytest
 from lit_bluelm import claims, report
 from lit_bluelm.claims import Evidence, judge, mean_rows, over_seeds
 from lit_bluelm.evaluation import Row
+from lit_bluelm.needle import PasskeyRow
 from lit_bluelm.summary import write_json
 
 
@@ -23,7 +24,24 @@ def rows(arith=(0.0, 0.01, 0.2, 0.6), plain=0.05, color=(0.95, 0.93), count=(0.7
     return out
 
 
-SUMMARIES = {"text": {"val_loss_after": 0.97}, "text_scratch": {"val_loss_after": 1.09}}
+SUMMARIES = {
+    "text": {"val_loss_after": 0.97},
+    "text_scratch": {"val_loss_after": 1.09},
+    "reasoning": {"val_loss_after_by_source": {"cot": 0.40, "text": 1.0, "passkey": 0.9}},
+    "long_context_short": {"val_loss_after_by_source": {"cot": 0.41, "text": 1.02, "passkey": 0.9}},
+}
+
+
+def passkey(at_1x=(0.9, 0.9), at_4x=(0.0, 0.3)):
+    """Before / after rows at 1x and 4x (two depths each: the mean is what is judged)."""
+    out = {}
+    for i, when in enumerate(("before", "after")):
+        out[when] = [
+            PasskeyRow("passkey", n, f, d, acc + (0.05 if d else -0.05), 20)
+            for n, f, acc in ((512, 1.0, at_1x[i]), (2048, 4.0, at_4x[i]))
+            for d in (0.0, 1.0)
+        ]
+    return out
 
 
 def by_name(found):
@@ -31,8 +49,11 @@ def by_name(found):
 
 
 def test_every_claim_on_a_run_that_meets_them():
-    found = by_name(judge(Evidence(SUMMARIES, rows())))
+    found = by_name(judge(Evidence(SUMMARIES, rows(), passkey())))
     assert len(found) == len(claims.CLAIMS) and all(c.met for c in found.values())
+    assert found["passkey at 4x context: after - before"].value == pytest.approx(0.3)
+    assert found["passkey at 1x context: after - before"].value == pytest.approx(0.0)
+    assert found["long_context: reasoning val/loss by source, after / before"].value == pytest.approx(1.025)
     assert found["demo_arith: think@128 - no_think"].value == pytest.approx(0.55)
     assert found["demo_color: think@128 - no_think"].value == pytest.approx(0.02)
     assert found["demo_count: no_think accuracy"].value == pytest.approx(0.75)
@@ -59,11 +80,20 @@ def test_each_claim_is_missed_on_its_own_failure():
     assert len(claims.format_failures(bad_format)) == 2
     worse = {"text": {"val_loss_after": 1.2}, "text_scratch": {"val_loss_after": 1.09}}
     assert missed(Evidence(worse, rows())) == {"text: distilled val/loss < scratch's"}
+    assert missed(Evidence(rows=rows(), passkey=passkey(at_4x=(0.0, 0.15)))) == {
+        "passkey at 4x context: after - before"
+    }
+    assert missed(Evidence(rows=rows(), passkey=passkey(at_1x=(0.9, 0.8)))) == {
+        "passkey at 1x context: after - before"
+    }
+    assert missed(Evidence(rows=rows(), passkey=passkey(at_1x=(0.9, 0.85)))) == set()  # -0.05 holds
+    forgot = {**SUMMARIES, "long_context_short": {"val_loss_after_by_source": {"cot": 0.43, "text": 1.0}}}
+    assert missed(Evidence(forgot)) == {"long_context: reasoning val/loss by source, after / before"}
 
 
 def test_claims_without_evidence_are_left_out():
     assert judge(Evidence()) == []
-    only_text = judge(Evidence(SUMMARIES))
+    only_text = judge(Evidence({k: SUMMARIES[k] for k in ("text", "text_scratch")}))
     assert [c.name for c in only_text] == ["text: distilled val/loss < scratch's"]
 
 

@@ -152,3 +152,27 @@ def test_evaluate_bad_input_is_one_line_and_exit_2(ckpt, capsys, tmp_path, extra
     assert evaluate.main([f"ckpt={ckpt}", f"out={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_passkey_refuses_beyond_the_context_unless_asked_and_writes_its_rows(ckpt, capsys, tmp_path):
+    from lit_bluelm import evaluate
+
+    out = tmp_path / "passkey"
+    argv = [f"ckpt={ckpt}", f"out={out}", "tasks=[passkey]", "passkey_depths=[0,1]", "passkey_trials=3"]
+    assert evaluate.main([*argv, "passkey_factors=[0.5,2]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1024 tokens exceeds the model's context of 512" in err and "extrapolate=true" in err
+    assert evaluate.main([*argv, "passkey_factors=[0.25,2]", "extrapolate=true"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[:2] == ["length", "factor"] and "results=" in printed
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["task"], r["length"], r["length_factor"], r["depth"], r["n"]) for r in rows] == [
+        ("passkey", 128, 0.25, 0.0, 3),
+        ("passkey", 128, 0.25, 1.0, 3),
+        ("passkey", 1024, 2.0, 0.0, 3),
+        ("passkey", 1024, 2.0, 1.0, 3),
+    ]
+    assert all(r["accuracy"] in (0, 1 / 3, 2 / 3, 1) for r in rows)
+    assert (out / "passkey_heatmap.png").is_file() and not (out / "accuracy_vs_budget.png").exists()
+    assert evaluate.main([*argv, "passkey_trials=0"]) == 2
+    assert "passkey_trials must be >= 1" in capsys.readouterr().err

@@ -73,8 +73,9 @@ def _check_data(cfg: DictConfig) -> None:
             )
         if cfg.model.text_only and src.kind == "image_text" and data.mix.get(name, 0) > 0:
             raise ConfigError(f"model.text_only has no vision tower, but data.sources.{name} is image_text")
-    for key in ("data.seq_len", "data.batch_size", "data.pack_buffer", "data.shuffle_buffer"):
+    for key in ("data.batch_size", "data.pack_buffer", "data.shuffle_buffer"):
         at_least(cfg, key, 1)
+    at_least(cfg, "data.seq_len", 1, allow_none=True)  # null: the model's context (lit_bluelm.startup)
     at_least(cfg, "data.val_batch_size", 1, allow_none=True)
     at_least(cfg, "data.num_workers", 0)
     at_least(cfg, "data.max_image_pixels", 1, allow_none=True)
@@ -126,8 +127,8 @@ def _check_trainer(cfg: DictConfig) -> None:
     devices = cfg.trainer.devices
     if not (devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))):
         raise ConfigError(f"trainer.devices: expected a count >= 1, -1 (all) or auto, got {devices!r}")
+    at_least(cfg, "trainer.max_steps", 0)  # 0: no training, the starting weights validated
     for key in (
-        "trainer.max_steps",
         "trainer.val_check_interval",
         "trainer.log_every_n_steps",
         "trainer.accumulate_grad_batches",

@@ -111,7 +111,9 @@ class DataConfig:
     mix: Dict[str, float] = field(default_factory=dict)  # source name -> sampling weight
     schedule: List[SchedulePoint] = field(default_factory=list)  # weights over the steps of the run
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
-    seq_len: int = 512
+    # tokens per row; null: the model's context (max_position_embeddings after context.rope),
+    # resolved at start-up, so a long-context stage trains at the length it switches to
+    seq_len: Optional[int] = 512
     batch_size: int = 8
     val_batch_size: Optional[int] = None  # default: batch_size
     num_workers: int = 2
@@ -190,7 +192,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
     precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
-    max_steps: int = 1000
+    max_steps: int = 1000  # 0: no training; the starting weights are validated (val_*_after)
     val_check_interval: int = 200  # optimizer steps between validations
     limit_val_batches: int = 20  # per rank; the val stream repeats, so every rank runs this many
     log_every_n_steps: int = 10

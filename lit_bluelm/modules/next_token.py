@@ -1,5 +1,7 @@
 """Next-token CE (stages 2-4: joint, reasoning, long context; the base of distillation and SFT):
-CE on every counted label, validation loss overall and per source, perplexity."""
+CE on every counted label, validation loss overall and per source, perplexity, and, when rows
+are longer than the model's original context, the loss of the tokens beyond it
+(``val/loss_long``, summary ``val_loss_long``)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,17 @@ import torch
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.modules.base import Batch, BlueLMModule
 from lit_bluelm.objectives import Chunking, LossParts, next_token_head_loss, row_ce_sums
+
+
+def beyond(labels: torch.Tensor, position_ids: Optional[torch.Tensor], original: int) -> torch.Tensor:
+    """``labels`` with only the targets at positions >= ``original`` kept (the position of a
+    target is its column, or its ``position_ids`` entry in packed rows)."""
+    width = labels.shape[1]
+    positions = position_ids if position_ids is not None else torch.arange(width, device=labels.device)
+    return labels.masked_fill(positions.expand_as(labels) < original, IGNORE_INDEX)
 
 
 class NextTokenModule(BlueLMModule):
@@ -22,6 +33,11 @@ class NextTokenModule(BlueLMModule):
         # per source (rows count for the source of their first document); keys prefixed: a
         # source may be called like a Module attribute, e.g. "train"
         self.val_source_loss = nn.ModuleDict({f"src_{name}": MeanMetric() for name in self.cfg.data.mix})
+        # rows longer than the original context: the loss of the tokens beyond it, by itself
+        self.original_context = _original_context(self.cfg)
+        self.val_long_loss = MeanMetric()
+        if self.original_context is not None:
+            self.summary_metrics = {**self.summary_metrics, "val_loss_long": "val/loss_long"}
 
     def forward_loss(self, batch: Batch, head_fn: Any) -> Any:
         """The model on a batch, with ``head_fn`` applied to its final hidden states.
@@ -49,9 +65,21 @@ class NextTokenModule(BlueLMModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """The model's next-token CE, overall and per source (``val/loss``, ``val/loss/<source>``)."""
         chunk = Chunking.of(self.cfg.loss)
-        sums, counts = self.forward_loss(
-            batch, lambda hidden, head: row_ce_sums(hidden, head, batch["labels"], chunk)
+        long_labels = (
+            beyond(batch["labels"], batch.get("position_ids"), self.original_context)
+            if self.original_context is not None
+            else None
         )
+
+        def head_fn(hidden: torch.Tensor, head: nn.Linear):
+            found = row_ce_sums(hidden, head, batch["labels"], chunk)
+            if long_labels is not None and (long_labels != IGNORE_INDEX).any():
+                return found, row_ce_sums(hidden, head, long_labels, chunk)
+            return found, None
+
+        (sums, counts), long = self.forward_loss(batch, head_fn)
+        if long is not None and long[1].sum() > 0:
+            self.val_long_loss.update(long[0].sum() / long[1].sum(), weight=long[1].sum())
         total = counts.sum()
         if total > 0:
             self.val_loss.update(sums.sum() / total, weight=total)
@@ -65,7 +93,7 @@ class NextTokenModule(BlueLMModule):
     def on_validation_epoch_end(self) -> None:
         # Whether a metric has data must be decided the same way on every rank (compute() and
         # sync_dist are collectives): use the update counts summed over ranks.
-        metrics = {"val/loss": self.val_loss}
+        metrics = {"val/loss": self.val_loss, "val/loss_long": self.val_long_loss}
         metrics |= {f"val/loss/{key[len('src_') :]}": m for key, m in self.val_source_loss.items()}
         counts = torch.tensor([float(m.update_count) for m in metrics.values()], device=self.device)
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
@@ -76,3 +104,14 @@ class NextTokenModule(BlueLMModule):
                 if name == "val/loss":
                     self.log("val/ppl", torch.exp(value.clamp(max=50.0)), sync_dist=True)
             metric.reset()
+
+
+def _original_context(cfg: Any) -> Optional[int]:
+    """The model's original context when ``data.seq_len`` rows reach beyond it, else None."""
+    from lit_bluelm.models.llm import llm_config
+    from lit_bluelm.needle import original_context
+
+    if cfg.data.seq_len is None or cfg.context.rope is None:
+        return None
+    original = original_context(llm_config(cfg.model.llm, cfg.context.rope))
+    return original if cfg.data.seq_len > original else None
