@@ -133,7 +133,9 @@ def _passkey(factor: float, threshold: float) -> Callable[[Evidence], Optional[C
         before, after = (by_length(ev.passkey.get(k, [])) for k in ("before", "after"))
         if factor not in before or factor not in after:
             return None
-        return _at_least(f"passkey at {factor:g}x context: after - before", after[factor] - before[factor], threshold)
+        return _at_least(
+            f"passkey at {factor:g}x context: after - before", after[factor] - before[factor], threshold
+        )
 
     return claim
 
@@ -147,7 +149,12 @@ def short_context_kept(ev: Evidence) -> Optional[Claim]:
     if not common:
         return None
     worst = max(after[k] / before[k] for k in common)
-    return Claim(f"{LONG}: reasoning val/loss by source, after / before", f"<= {SHORT_LOSS:g}", worst, worst <= SHORT_LOSS)
+    return Claim(
+        f"{LONG}: reasoning val/loss by source, after / before",
+        f"<= {SHORT_LOSS:g}",
+        worst,
+        worst <= SHORT_LOSS,
+    )
 
 
 # (claim, how it is judged over seeds: "every" seed or the seeds' "mean")

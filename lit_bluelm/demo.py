@@ -47,7 +47,10 @@ from lit_bluelm.summary import write_json
 class Stage:
     name: str
     args: Tuple[str, ...]  # train.py arguments; {runs} is the runs folder
-    trains: bool = True  # False: validation only (trainer.max_steps=0), no checkpoint
+    trains: bool = True  # False: validation only (VALIDATE_ONLY, after any extra arguments)
+
+
+VALIDATE_ONLY = ("trainer.max_steps=0", "validate_before_fit=false")  # the weights of init_from, once
 
 
 def _last(name: str) -> str:
@@ -67,16 +70,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("long_context", ("stage=long_context", f"init_from={_last('reasoning')}", "data.seq_len=2048")),
     # no training: the long-context model validated on the reasoning stage's sources (the same
     # batches as the reasoning run's), so the claims can compare their losses source by source
-    Stage(
-        "long_context_short",
-        (
-            "stage=reasoning",
-            f"init_from={_last('long_context')}",
-            "trainer.max_steps=0",
-            "validate_before_fit=false",
-        ),
-        trains=False,
-    ),
+    Stage("long_context_short", ("stage=reasoning", f"init_from={_last('long_context')}"), trains=False),
     Stage("sft", ("stage=sft", f"init_from={_last('long_context')}")),
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
@@ -87,6 +81,7 @@ EVAL_BUDGETS = (0, 8, 32, 128)
 # context) and after it (the long-context checkpoint), into <runs>/passkey_before|after
 PASSKEY = {"passkey_before": ("reasoning", True), "passkey_after": ("long_context", False)}
 EVALS = (EVAL, *PASSKEY)  # --from any of them reruns them all (a minute)
+PASSKEY_SETTINGS: Tuple[str, ...] = ()  # more evaluate arguments (none: the task's lengths, depths, trials)
 DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
 
 
@@ -110,6 +105,7 @@ def passkey_argv(runs: str, name: str) -> List[str]:
         "tasks=[passkey]",
         "batch_size=50",
         *(["extrapolate=true"] if extrapolate else []),
+        *PASSKEY_SETTINGS,
     ]
 
 
@@ -145,7 +141,7 @@ def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = (), base: Optiona
     """``train.py`` arguments of ``stage`` in ``runs``; ``{base}`` (the text stage's folder,
     ``runs`` itself unless given) is where the joint stage starts from."""
     args = [a.format(runs=runs, base=base or runs) for a in stage.args]
-    return args + [f"run_dir={runs}/{stage.name}", *extra]
+    return args + [f"run_dir={runs}/{stage.name}", *extra, *(() if stage.trains else VALIDATE_ONLY)]
 
 
 def first_stage(start: Optional[str], runs: str) -> int:

@@ -79,7 +79,9 @@ def parse_args(argv: Sequence[str]) -> EvaluateArgs:
         if args.passkey_trials < 1:
             raise ConfigError(f"passkey_trials must be >= 1, got {args.passkey_trials}")
         if not args.passkey_factors or any(not f > 0 for f in args.passkey_factors):
-            raise ConfigError(f"passkey_factors: lengths as multiples > 0 of the context, got {args.passkey_factors}")
+            raise ConfigError(
+                f"passkey_factors: lengths as multiples > 0 of the context, got {args.passkey_factors}"
+            )
         if not args.passkey_depths or any(not 0 <= d <= 1 for d in args.passkey_depths):
             raise ConfigError(f"passkey_depths: fractions in [0, 1], got {args.passkey_depths}")
     return args

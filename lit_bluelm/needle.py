@@ -70,7 +70,9 @@ def records_document(
     for name in keys:
         body.insert(rng.randint(0, len(body)), f" The code of {name} is {codes[name]}.")
     asked = rng.sample(keys, rng.randint(1, min(3, len(keys))))
-    questions = "".join(f" What is the code of {name}? The code of {name} is {codes[name]}." for name in asked)
+    questions = "".join(
+        f" What is the code of {name}? The code of {name} is {codes[name]}." for name in asked
+    )
     return f"Here are the codes of the kingdoms.{''.join(body)}{questions}"
 
 
@@ -150,7 +152,9 @@ def evaluate_passkey(
         for depth in depths:
             rng = random.Random(f"{TASK}/{seed}/{length}/{depth}")
             keys = [new_passkey(rng) for _ in range(trials)]
-            cells.append((depth, keys, [Prompt(passkey_prompt(tokenizer, length, depth, k, rng)) for k in keys]))
+            cells.append(
+                (depth, keys, [Prompt(passkey_prompt(tokenizer, length, depth, k, rng)) for k in keys])
+            )
         prompts = [p for _, _, ps in cells for p in ps]
         texts: List[str] = []
         for start in range(0, len(prompts), batch_size):
@@ -181,9 +185,7 @@ def table(rows: Sequence[PasskeyRow]) -> str:
     means = by_length(rows)
     lines = [f"{'length':>7} {'factor':>6} " + " ".join(f"{d:>6.2f}" for d in depths) + f" {'mean':>6}"]
     for length in sorted(factors):
-        accs = " ".join(
-            f"{cells[length, d]:>6.2f}" if (length, d) in cells else f"{'-':>6}" for d in depths
-        )
+        accs = " ".join(f"{cells[length, d]:>6.2f}" if (length, d) in cells else f"{'-':>6}" for d in depths)
         lines.append(f"{length:>7} {factors[length]:>6g} {accs} {means[factors[length]]:>6.2f}")
     return "\n".join(lines)
 

@@ -187,7 +187,7 @@ def test_context_applies_over_a_from_pretrained_config_json(tmp_path):
         {"model": {"llm": {"name": "from_pretrained", "path": str(tmp_path / "hf")}}}
     ).model.llm
     hf = llm_config(llm, {"rope_type": "yarn", "factor": 4.0})
-    assert hf.rope_parameters["rope_type"] == "yarn" and hf.max_position_embeddings == 4 * 2048
+    assert hf.rope_parameters["rope_type"] == "yarn" and hf.max_position_embeddings == 4 * 512
     assert (
         LLMS["from_pretrained"](llm, {"rope_type": "yarn", "factor": 4.0}).model.rotary_emb.rope_type
         == "yarn"
@@ -205,7 +205,7 @@ def test_init_from_a_yarn_checkpoint_keeps_its_context_unless_set(tmp_path, monk
     _fake_checkpoint(yarn_ckpt, load_config(["stage=long"]))
     inherited = load_run_config(["stage=joint", f"init_from={yarn_ckpt}"])
     assert inherited.context.rope.rope_type == "yarn" and inherited.context.rope.factor == 4
-    assert llm_config(inherited.model.llm, inherited.context.rope).max_position_embeddings == 4 * 2048
+    assert llm_config(inherited.model.llm, inherited.context.rope).max_position_embeddings == 4 * 512
     # the stage (or the command line) decides when it sets a context
     assert load_run_config(["stage=long", f"init_from={yarn_ckpt}"]).context.rope.factor == 4
     own = load_run_config(["stage=joint", f"init_from={yarn_ckpt}", "context.rope={rope_type: default}"])
@@ -221,7 +221,7 @@ def test_init_from_a_yarn_checkpoint_keeps_its_context_unless_set(tmp_path, monk
 def test_dynamic_rope_keeps_the_original_length_and_interpolations_see_the_stage():
     cfg = load_config(["context.rope={rope_type: dynamic, factor: 4}"])
     hf = llm_config(cfg.model.llm, cfg.context.rope)
-    assert hf.rope_parameters["rope_type"] == "dynamic" and hf.max_position_embeddings == 2048
+    assert hf.rope_parameters["rope_type"] == "dynamic" and hf.max_position_embeddings == 512
     cfg = load_config(["stage=text", "model=tiny_teacher", "run_dir=runs/${stage}-${model.name}"])
     assert cfg.run_dir == "runs/text-tiny_teacher"
 

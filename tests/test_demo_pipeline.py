@@ -11,7 +11,9 @@ from lit_bluelm.claims import CLAIMS
 from lit_bluelm.errors import ConfigError
 
 # the stage yamls read 8 train and 4 val shards of each source
-TINY = DemoSpec(train_per_shard=6, val_per_shard=4, eval_items=4)
+TINY = DemoSpec(train_per_shard=6, val_per_shard=4, long_per_shard=6, eval_items=4)
+# the passkey evaluations at the lengths the claims read, one depth, one trial
+PASSKEY = ("passkey_factors=[1,4]", "passkey_depths=[0.5]", "passkey_trials=1")
 SMOKE = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
@@ -24,7 +26,8 @@ SMOKE = [
 
 
 @pytest.mark.slow
-def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, capsys):
+def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "PASSKEY_SETTINGS", PASSKEY)
     data = write_demo(tmp_path / "demo", TINY)
     runs = tmp_path / "runs"
     args = ["--runs", str(runs), f"data.demo_dir={data}", *SMOKE]
@@ -39,7 +42,11 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     assert claims["text: distilled val/loss < scratch's"]["met"] == (distilled < scratch)
     assert len(claims) == len(CLAIMS)  # the whole pipeline holds evidence for every claim
     assert rc == (0 if all(c["met"] for c in claims.values()) else 1)
-    assert set(report["seconds"]) == {s.name for s in demo.STAGES} | {demo.EVAL}
+    assert set(report["seconds"]) == {s.name for s in demo.STAGES} | set(demo.EVALS)
+    for name in demo.PASSKEY:
+        rows = json.loads((runs / name / "results.json").read_text())["results"]
+        assert [(r["length_factor"], r["depth"], r["n"]) for r in rows] == [(1.0, 0.5, 1), (4.0, 0.5, 1)]
+        assert (runs / name / "passkey_heatmap.png").is_file()
     assert (runs / demo.EVAL / "accuracy_vs_budget.png").is_file()
     md = (runs / "report.md").read_text()
     assert report["commit"] in md and "Claims:" in md and "demo_arith     think" in md
@@ -47,12 +54,20 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     assert "claim " in out and "result" in out and f"report={runs / 'report.md'}" in out
     for stage in demo.STAGES:
         assert f"$ python train.py {' '.join(demo.stage_argv(stage, str(runs), args[2:]))}" in out
-        assert summaries[stage.name]["global_step"] == 2
+        assert summaries[stage.name]["global_step"] == (2 if stage.trains else 0)
     assert summaries["sft"]["stage"] == "sft"
     assert set(summaries["sft"]["val_loss_after_by_source"]) == {"sft_think", "sft_nothink"}
     # each stage started from its predecessor's last checkpoint
     sft_config = (runs / "sft" / "config.yaml").read_text()
-    assert f"init_from: {runs}/reasoning/checkpoints/last.ckpt" in sft_config
+    assert f"init_from: {runs}/long_context/checkpoints/last.ckpt" in sft_config
+    assert "rope_type: yarn" in sft_config  # inherited from the long-context checkpoint
+    long = summaries["long_context"]
+    assert (
+        long["val_loss_long_after"] > 0
+        and "seq_len: 2048" in (runs / "long_context" / "config.yaml").read_text()
+    )
+    short = summaries["long_context_short"]
+    assert set(short["val_loss_after_by_source"]) == set(summaries["reasoning"]["val_loss_after_by_source"])
 
     teacher_summary = (runs / "text_teacher" / "summary.json").stat().st_mtime_ns
     sft_summary = (runs / "sft" / "summary.json").stat().st_mtime_ns

@@ -126,7 +126,10 @@ def test_sft_after_long_context_inherits_the_switch_and_a_preset_cannot_undo_it(
         cfg = load_run_config(["stage=sft", f"init_from={ckpt}", *extra])
         assert cfg.context.rope.rope_type == "yarn" and cfg.context.rope.factor == 8
         hf = llm_config(cfg.model.llm, cfg.context.rope)
-        assert hf.max_position_embeddings == 4096 and hf.rope_parameters["original_max_position_embeddings"] == 512
+        assert (
+            hf.max_position_embeddings == 4096
+            and hf.rope_parameters["original_max_position_embeddings"] == 512
+        )
         assert cfg.data.seq_len == 256  # the stage's rows; only null means the whole context
     # what generation, evaluation and later stages load is the switched model
     loaded = load_run(ckpt, key="ckpt")
@@ -158,7 +161,7 @@ def test_beyond_keeps_only_the_targets_past_the_original_context():
 def test_a_long_context_run_reports_the_loss_beyond_the_original_context(demo_dir, tmp_path):
     t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
     args = ["stage=long_context", f"tokenizer.path={demo_dir}/tokenizer", f"data.demo_dir={demo_dir}"]
-    for name in ("long", "image_text", "text", "cot"):
+    for name in ("long", "passkey", "image_text", "text", "cot"):
         args += [
             f"data.sources.{name}.train={demo_dir}/train/{name}-{{000000..{t:06d}}}.tar",
             f"data.sources.{name}.val={demo_dir}/val/{name}-{{000000..{v:06d}}}.tar",
