@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/faults.py
+	$(BIN)/python bench/long_context.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

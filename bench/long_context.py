@@ -30,9 +30,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lit_bluelm.config import load_config, to_container  # noqa: E402
-from lit_bluelm.models.llm import llm_config  # noqa: E402
+from lit_bluelm.models.llm import llm_config, original_context  # noqa: E402
 from lit_bluelm.modules import NextTokenModule  # noqa: E402
-from lit_bluelm.needle import original_context  # noqa: E402
 
 MIB = 2**20
 

@@ -169,9 +169,10 @@ def run_passkey(args: EvaluateArgs, loaded) -> list:
 
     from lit_bluelm import needle
     from lit_bluelm.generation import Generator
+    from lit_bluelm.models.llm import original_context
 
     llm_cfg = loaded.model.llm.config
-    original, context = needle.original_context(llm_cfg), int(llm_cfg.max_position_embeddings)
+    original, context = original_context(llm_cfg), int(llm_cfg.max_position_embeddings)
     longest = max(needle.lengths_for(original, args.passkey_factors))
     if longest > context and not args.extrapolate:
         raise ConfigError(

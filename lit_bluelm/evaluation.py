@@ -241,6 +241,18 @@ def write_results(out_dir: str | Path, ckpt: str, settings: Dict, rows: Iterable
     return write_json(path, record)
 
 
+def read_results(path: str | Path) -> tuple:
+    """The rows of a ``results.json``: (thinking rows as :class:`Row`, passkey rows as
+    :class:`lit_bluelm.needle.PasskeyRow`), told apart by the passkey rows' ``depth``."""
+    from lit_bluelm.needle import PasskeyRow
+
+    records = json.loads(Path(path).read_text())["results"]
+    return (
+        [Row(**r) for r in records if "depth" not in r],
+        [PasskeyRow(**r) for r in records if "depth" in r],
+    )
+
+
 def plot(rows: Sequence[Row], path: str | Path) -> Path:
     """Per task: think-mode accuracy against the mean thinking tokens used (one point per
     budget), the no-think accuracy as a marked point."""

@@ -91,13 +91,6 @@ class PasskeyRow:
     n: int
 
 
-def original_context(llm_config) -> int:
-    """The context a model was pre-trained with: ``original_max_position_embeddings`` of a scaled
-    RoPE, else ``max_position_embeddings``."""
-    params = getattr(llm_config, "rope_parameters", None) or {}
-    return int(params.get("original_max_position_embeddings") or llm_config.max_position_embeddings)
-
-
 def _ids(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -29,6 +29,10 @@ END = "<!-- END demo-report -->"
 REPORT_JSON = "report.json"
 SEEDS_JSON = "seeds.json"
 REPORT_MD = "report.md"
+PASSKEY_TITLES = {
+    "passkey_before": "before the context switch (the reasoning checkpoint, beyond its context)",
+    "passkey_after": "after it (the long-context checkpoint)",
+}
 
 
 def commit() -> str:
@@ -81,8 +85,9 @@ def _code(text: str) -> List[str]:
 
 def render(runs: str | Path) -> str:
     """``report.md`` of a demo folder, from its report.json (and seeds.json, when present)."""
+    from lit_bluelm import needle
     from lit_bluelm.claims import Claim, SeedClaim, claims_block, seeds_block
-    from lit_bluelm.evaluation import Row, table
+    from lit_bluelm.evaluation import read_results, table
     from lit_bluelm.summary import print_table
 
     runs = Path(runs)
@@ -99,9 +104,19 @@ def render(runs: str | Path) -> str:
     ]
     results = Path(record["eval"]) / "results.json"
     if results.is_file():
-        rows = [Row(**r) for r in json.loads(results.read_text())["results"]]
+        rows, _ = read_results(results)
         items = "/".join(sorted({str(r.n) for r in rows}))
         lines += [f"Evaluation (`{record['eval']}`, {items} held-out items a task):", "", *_code(table(rows))]
+    for name, folder in record.get("passkey", {}).items():  # reports before the long-context stage have none
+        results = Path(folder) / "results.json"
+        if results.is_file():
+            _, rows = read_results(results)
+            lines += [
+                f"Passkey retrieval, {PASSKEY_TITLES.get(name, name)} (`{folder}`, accuracy by length and "
+                f"depth, {rows[0].n} trials a cell):",
+                "",
+                *_code(needle.table(rows)),
+            ]
     lines += ["Claims:", "", *_code(claims_block([Claim(**c) for c in record["claims"]]))]
     times = record["seconds"]
     total = sum(times.values())

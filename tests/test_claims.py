@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lit_bluelm import claims, report
+from lit_bluelm import claims, needle, report
 from lit_bluelm.claims import Evidence, judge, mean_rows, over_seeds
 from lit_bluelm.evaluation import Row
 from lit_bluelm.needle import PasskeyRow
@@ -136,7 +136,13 @@ def test_the_report_renders_from_its_files_and_goes_into_the_readme(tmp_path):
         (runs / name / "summary.json").write_text(json.dumps(summary))
     (runs / "eval_sft").mkdir()
     (runs / "eval_sft" / "results.json").write_text(json.dumps({"results": [r.__dict__ for r in rows()]}))
-    found = judge(Evidence(SUMMARIES, rows()))
+    keys = passkey()
+    for when, passkey_rows in keys.items():
+        (runs / f"passkey_{when}").mkdir()
+        (runs / f"passkey_{when}" / "results.json").write_text(
+            json.dumps({"results": [r.__dict__ for r in passkey_rows]})
+        )
+    found = judge(Evidence(SUMMARIES, rows(), keys))
     record = {
         "commit": "abc123",
         "date": "2026-12-04 12:00 UTC",
@@ -149,6 +155,7 @@ def test_the_report_renders_from_its_files_and_goes_into_the_readme(tmp_path):
         },
         "runs": [str(runs / "text"), str(runs / "text_scratch")],
         "eval": str(runs / "eval_sft"),
+        "passkey": {f"passkey_{when}": str(runs / f"passkey_{when}") for when in keys},
         "seconds": {"text": 20.0, "eval_sft": 10.0},
         "claims": [c.__dict__ for c in found],
     }
@@ -156,6 +163,8 @@ def test_the_report_renders_from_its_files_and_goes_into_the_readme(tmp_path):
     md = report.write_report(runs).read_text()
     assert "commit `abc123`" in md and "2 CPU cores" in md and "Time: 30 s" in md
     assert claims.claims_block(found) in md and "demo_color     no_think" in md
+    assert "Passkey retrieval, before the context switch" in md and "20 trials a cell" in md
+    assert needle.table(keys["after"]) in md
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN} (generated) -->\nold figures\n{report.END}\nrest\n")
     assert report.main(["--runs", str(runs), "--readme", str(readme)]) == 0

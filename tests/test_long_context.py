@@ -207,3 +207,28 @@ def test_answers_tables_and_heat_map(tmp_path):
     assert lines[0].split() == ["length", "factor", "0.00", "1.00", "mean"]
     assert lines[1].split() == ["256", "0.5", "1.00", "0.50", "0.75"]
     assert needle.heatmap(rows, tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_the_demo_prompts_with_the_largest_budget_and_answer_fit_the_original_context(demo_dir):
+    """The tiny preset's 512 tokens hold every demo evaluation prompt in think mode, the largest
+    budget, the forced end of thinking and the longest answer."""
+    from lit_bluelm.demo import EVAL_BUDGETS
+    from lit_bluelm.evaluate import EvaluateArgs
+    from lit_bluelm.evaluation import DEMO_TASKS, build_prompts, load_task
+    from lit_bluelm.generation import GenerationConfig
+    from lit_bluelm.processor import BlueLMProcessor
+    from lit_bluelm.tokenizer import THINK_END
+
+    cfg = load_config([])
+    tok = load_tokenizer(demo_dir / "tokenizer")
+    processor = BlueLMProcessor.from_config(tok, cfg.model, cfg.sft.think_token_position)
+    longest = max(
+        len(p.input_ids)
+        for task in DEMO_TASKS
+        for p in build_prompts(processor, load_task(task, demo_dir), think=True)
+    )
+    end = GenerationConfig().thinking_end_text + THINK_END + "\n"  # forced when the budget is spent
+    forced = len(tok(end, add_special_tokens=False)["input_ids"])
+    need = longest + max(EVAL_BUDGETS) + forced + EvaluateArgs().max_answer_tokens
+    print(f"longest prompt {longest}, in all {need} tokens")
+    assert need <= llm_config(cfg.model.llm).max_position_embeddings == 512, need

@@ -202,3 +202,14 @@ def test_the_skipped_sample_total_survives_resume(fitted, tmp_path, demo_dir):
     assert last["data_skipped"] == 7 and last["data_too_long"] == 2
     assert last["data_skipped_by_reason"] == {"too_long": 2, "other": 5}
     assert [v for _, v in logged["data/skipped/other"]] == [5.0]
+
+
+def test_zero_steps_validates_the_starting_weights_only(fitted, tmp_path, demo_dir):
+    run_dir, summary = fitted
+    source = run_dir / "checkpoints" / "last.ckpt"
+    args = ["trainer.max_steps=0", "validate_before_fit=false", f"init_from={source}"]
+    again = train.run(load_config(tiny_args(demo_dir, tmp_path / "val", *args)))
+    # the same weights on the same validation batches: the fitted run's closing figure, exactly
+    assert again["val_loss_after"] == summary["val_loss_after"]
+    assert again["val_loss_before"] is None and again["global_step"] == 0 and again["status"] == "ok"
+    assert again["last_ckpt"] is None and not (tmp_path / "val" / "checkpoints").exists()

@@ -44,6 +44,13 @@ def apply_context(hf_cfg: PretrainedConfig, rope: Rope) -> PretrainedConfig:
     return hf_cfg
 
 
+def original_context(hf_cfg: PretrainedConfig) -> int:
+    """The context a model was pre-trained with: ``original_max_position_embeddings`` of a scaled
+    RoPE, else ``max_position_embeddings``."""
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    return int(params.get("original_max_position_embeddings") or hf_cfg.max_position_embeddings)
+
+
 def llm_config(cfg: LLMConfig, rope: Rope = None) -> PretrainedConfig:
     """The transformers config an LLM entry describes, with the stage's context scaling applied
     (``rope``: ``context.rope``), without building weights."""

@@ -108,8 +108,7 @@ class NextTokenModule(BlueLMModule):
 
 def _original_context(cfg: Any) -> Optional[int]:
     """The model's original context when ``data.seq_len`` rows reach beyond it, else None."""
-    from lit_bluelm.models.llm import llm_config
-    from lit_bluelm.needle import original_context
+    from lit_bluelm.models.llm import llm_config, original_context
 
     if cfg.data.seq_len is None or cfg.context.rope is None:
         return None
