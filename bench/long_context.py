@@ -43,6 +43,7 @@ def make_module(checkpointing: bool, length: int):
             f"data.seq_len={length}",
             f"fsdp.activation_checkpointing={str(checkpointing).lower()}",
             "model.text_only=true",  # the vision tower sees no image in a long document
+            "data.mix.image_text=0",  # text only: no image source
         ]
     )
     module = NextTokenModule(to_container(cfg))
