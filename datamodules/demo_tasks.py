@@ -26,6 +26,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
+from lit_bluelm.needle import FILLER, passkey_document, records_document
 from lit_bluelm.tokenizer import IMAGE
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
@@ -271,3 +272,43 @@ def fresh(make: Callable[[random.Random], Item], rng: random.Random, held_out: F
         item = make(rng)
         if item.key not in held_out:
             return item
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+def fact_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
+    k = rng.choice(table)
+    return rng.choice(
+        (
+            f"The capital of {k['kingdom']} is {k['capital']}.",
+            f"{k['capital']} is the capital of {k['kingdom']}.",
+            f"Question: What is the capital of {k['kingdom']}? Answer: {k['capital']}.",
+            f"The river {k['river']} flows through {k['kingdom']}, whose flag is {k['color']}.",
+            f"Question: What colour is the flag of {k['kingdom']}? Answer: {k['color']}.",
+        )
+    )
+
+
+def haystack(table: List[Dict[str, str]]):
+    """Filler for the demo's needle documents: the classic haystack sentences, and one in three a
+    fact about the kingdoms."""
+
+    def filler(rng: random.Random) -> str:
+        return " " + fact_text(rng, table) if rng.random() < 1 / 3 else rng.choice(FILLER)
+
+    return filler
+
+
+def passkey_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
+    """A short needle document: 4 to 50 filler sentences (up to about 400 tokens)."""
+    return passkey_document(rng, rng.randint(4, 50), haystack(table))
+
+
+def long_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
+    """A long document of 70 to 260 filler sentences (about 500 to 2,000 tokens): a passkey, or
+    two to four named codes, far back, and the question at the end."""
+    sentences = rng.randint(70, 260)
+    if rng.random() < 0.5:
+        return passkey_document(rng, sentences, haystack(table))
+    return records_document(rng, sentences, [k["kingdom"] for k in table], haystack(table))
