@@ -119,9 +119,10 @@ def test_init_from_switches_the_rotary_buffers_to_those_of_yarn_from_the_start(t
     torch.testing.assert_close(dict(module.model.llm.named_parameters())[name], weight)
 
 
-def test_sft_after_long_context_inherits_the_switch_and_a_preset_cannot_undo_it(tmp_path):
+def test_sft_after_long_context_inherits_the_switch_and_a_preset_cannot_undo_it(tmp_path, demo_dir):
     ckpt = tmp_path / "long.ckpt"
-    _plain_checkpoint(ckpt, ["stage=long_context"])
+    # load_run reads the tokenizer the saved config names (a fresh clone has no data/demo)
+    _plain_checkpoint(ckpt, ["stage=long_context", f"tokenizer.path={demo_dir}/tokenizer"])
     for extra in ([], ["model=tiny"]):
         cfg = load_run_config(["stage=sft", f"init_from={ckpt}", *extra])
         assert cfg.context.rope.rope_type == "yarn" and cfg.context.rope.factor == 8
