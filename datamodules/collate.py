@@ -15,8 +15,11 @@ class Collator:
     Batch: ``input_ids``/``labels``/``attention_mask`` [B, T]; ``position_ids`` [B, T] for packed
     rows (restarting per document) or None; ``pixel_values`` [tiles, 3, S, S]
     (every image's tiles, in row order, matching the placeholder order) or None; ``source``,
-    ``key``, ``task`` lists; ``doc_sources`` (the source of every draw); ``data_state``; ``skipped`` (samples skipped by the reader since its last
-    batch, per reason: a tensor in ``SKIP_REASONS`` order).
+    ``key``, ``task`` lists; ``doc_sources`` (the source of every draw: a document, or a piece of
+    a split one, in batch order) and ``documents`` [B, T] (each token's index into
+    ``doc_sources``; a packed row's padding counts for its last document and has no labels);
+    ``data_state``; ``skipped`` (samples skipped by the reader since its last batch, per reason:
+    a tensor in ``SKIP_REASONS`` order).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 8) -> None:
@@ -35,6 +38,8 @@ class Collator:
         # forms its own (label-free) segment and no real token attends to it
         packed = any(e.get("position_ids") is not None for e in examples)
         position_ids = torch.arange(width).repeat(b, 1) if packed else None
+        documents = torch.zeros((b, width), dtype=torch.long)
+        doc_sources: List[str] = []
         for row, e in enumerate(examples):
             n = len(e["input_ids"])
             input_ids[row, :n] = e["input_ids"]
@@ -44,6 +49,9 @@ class Collator:
                 pos = e.get("position_ids")
                 position_ids[row, :n] = pos if pos is not None else torch.arange(n)
                 position_ids[row, n:] = torch.arange(width - n)
+            sources = e.get("sources", [e.get("source", "")])
+            documents[row] = len(doc_sources) + _document_of(e.get("position_ids"), n, width, len(sources))
+            doc_sources += sources
         tiles = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
         return {
             "input_ids": input_ids,
@@ -56,8 +64,22 @@ class Collator:
             "task": [e.get("task", "") for e in examples],
             "skipped": torch.tensor(Skips.sum(e.get("skipped", 0) for e in examples).as_list()),
             # the source of every draw (a document or a piece of a split one; a packed row holds
-            # several), for data/frac/<source>
-            "doc_sources": [src for e in examples for src in e.get("sources", [e.get("source", "")])],
+            # several), for data/frac/<source> and the validation loss per source
+            "doc_sources": doc_sources,
+            "documents": documents,
             # the reader state after this batch (training streams; see datamodules.streams)
             "data_state": next((e["data_state"] for e in reversed(examples) if "data_state" in e), None),
         }
+
+
+def _document_of(position_ids, n: int, width: int, count: int) -> torch.Tensor:
+    """[width]: which of a row's ``count`` documents each position belongs to (its positions
+    restart at 0 with every document; padding counts for the last)."""
+    if position_ids is None:
+        if count != 1:
+            raise ValueError(f"a row without position_ids holds one document, not {count}")
+        return torch.zeros(width, dtype=torch.long)
+    index = (torch.as_tensor(position_ids[:n]) == 0).long().cumsum(0) - 1
+    if n and int(index[-1]) != count - 1:
+        raise ValueError(f"a packed row's positions restart {int(index[-1]) + 1} times for {count} documents")
+    return torch.cat([index, index.new_full((width - n,), count - 1)])

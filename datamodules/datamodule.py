@@ -38,7 +38,7 @@ from lit_bluelm.status import ignore_stop_signals
 from lit_bluelm.tokenizer import load_tokenizer
 
 PREFETCH = 2  # DataLoader prefetch_factor: batches requested ahead per worker
-BATCH_KEYS = ("skipped", "data_state", "doc_sources")  # the loader's bookkeeping, not model input
+BATCH_KEYS = ("skipped", "data_state")  # the loader's bookkeeping, not model input
 
 
 def schedule_points(cfg: DictConfig, names: Sequence[str]) -> List[tuple]:
@@ -152,8 +152,10 @@ class BlueLMDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ progress and resume
 
     def on_before_batch_transfer(self, batch: Dict[str, Any], dataloader_idx: int) -> Dict[str, Any]:
-        """Take the loader's bookkeeping off the batch (still CPU tensors: no device sync)."""
-        skipped, data_state, sources = (batch.pop(k, None) for k in BATCH_KEYS)
+        """Take the loader's bookkeeping off the batch (still CPU tensors: no device sync); the
+        documents' sources stay (validation reports the loss per source)."""
+        skipped, data_state = (batch.pop(k, None) for k in BATCH_KEYS)
+        sources = batch.get("doc_sources")
         if self.trainer is not None and self.trainer.training:
             if data_state is not None:
                 self._pending.append(data_state)

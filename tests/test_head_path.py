@@ -170,6 +170,23 @@ def test_validation_row_sums_equal_full_logits_and_auto_chunks():
         assert counts.tolist() == [10, 7, 10]
 
 
+def test_validation_group_sums_count_each_target_for_its_group():
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(2, 6, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (2, 6), generator=g)
+    labels[0, 3] = -100  # a packed row: the second document's first token predicts nothing
+    lin = torch.nn.Linear(8, 20, bias=False)
+    lin.weight.data = weight
+    groups = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2]])
+    ce = F.cross_entropy((hidden[:, :-1] @ weight.T).transpose(1, 2), labels[:, 1:], reduction="none")
+    sums, counts = row_ce_sums(hidden, lin, labels, 4, groups, 3)
+    # positions 0 and 1 predict the first document's targets 1 and 2; 3 and 4 the second's 4, 5
+    torch.testing.assert_close(sums, torch.stack([ce[0, :2].sum(), ce[0, 3:].sum(), ce[1].sum()]))
+    assert counts.tolist() == [2, 2, 5]
+    with pytest.raises(ValueError, match="must match labels"):
+        row_ce_sums(hidden, lin, labels, 4, groups[:, :3], 3)
+
+
 # ----------------------------------------------------------------------------- chunking
 
 

@@ -62,6 +62,28 @@ def test_next_token_module_trains_and_validates_on_plain_ce():
     )
 
 
+def test_validation_counts_each_packed_document_for_its_own_source():
+    from datamodules.collate import Collator
+    from datamodules.packing import join
+
+    module = _module(NextTokenModule, "stage=reasoning")  # sources image_text, text, cot, passkey
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(8, 1024, (n,), generator=g) for n in (5, 7, 6)]
+    sources = ("text", "cot", "text")
+    first, second, third = (
+        {"input_ids": d, "labels": d.clone(), "source": s} for d, s in zip(docs, sources, strict=True)
+    )
+    rows = [join([first, second]), third]
+    batch = Collator(pad_token_id=0, pad_to_multiple=8)(rows)
+    with torch.no_grad():
+        _quiet_step(module.validation_step, batch, 0)
+        alone = [next_token_loss(module.model(d[None]), d[None]) for d in docs]
+    # "cot" is the second document of the packed row: its own loss, not the row's
+    torch.testing.assert_close(module.val_source_loss["src_cot"].compute(), alone[1][0], rtol=1e-5, atol=1e-6)
+    text = (alone[0][0] * alone[0][1] + alone[2][0] * alone[2][1]) / (alone[0][1] + alone[2][1])
+    torch.testing.assert_close(module.val_source_loss["src_text"].compute(), text, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("alpha, temperature", [(0.5, 1.0), (0.2, 2.0)])
 def test_distill_module_loss_is_alpha_ce_plus_scaled_kl(alpha, temperature):
     args = [

@@ -61,6 +61,19 @@ def test_collator_pads_position_ids_as_their_own_segment():
     assert Collator(0)([_doc(3)])["position_ids"] is None
 
 
+def test_collator_maps_every_token_to_its_document_and_source():
+    a, b, c = (_doc(n) | {"source": s} for n, s in ((3, "cot"), (2, "passkey"), (4, "text")))
+    batch = Collator(pad_token_id=0, pad_to_multiple=8)([join([a, b]), c])
+    assert batch["doc_sources"] == ["cot", "passkey", "text"]
+    # row 0: the first document, the second, then its padding (counted for the last one)
+    assert batch["documents"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2, 2, 2]]
+    unpacked = Collator(0, pad_to_multiple=1)([a, c])
+    assert unpacked["doc_sources"] == ["cot", "text"]
+    assert unpacked["documents"].tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="restart 2 times for 3 documents"):
+        Collator(0)([join([a, b]) | {"sources": ["cot", "passkey", "text"]}])
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_row_matches_documents_run_one_by_one(attn):
     cfg = load_config(["stage=text", f"model.llm.attn_implementation={attn}"]).model

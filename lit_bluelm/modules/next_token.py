@@ -30,7 +30,7 @@ class NextTokenModule(BlueLMModule):
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__(cfg)
         self.val_loss = MeanMetric()  # token-weighted, synced across ranks on compute
-        # per source (rows count for the source of their first document); keys prefixed: a
+        # per source (every document's tokens count for its own source); keys prefixed: a
         # source may be called like a Module attribute, e.g. "train"
         self.val_source_loss = nn.ModuleDict({f"src_{name}": MeanMetric() for name in self.cfg.data.mix})
         # rows longer than the original context: the loss of the tokens beyond it, by itself
@@ -71,8 +71,14 @@ class NextTokenModule(BlueLMModule):
             else None
         )
 
+        # per document: a packed row holds several, each counted for its own source
+        documents, doc_sources = batch.get("documents"), batch.get("doc_sources")
+        if documents is None or doc_sources is None:  # batches not from our collator: per row
+            documents = torch.arange(len(batch["source"]), device=batch["labels"].device)[:, None]
+            documents, doc_sources = documents.expand_as(batch["labels"]), batch["source"]
+
         def head_fn(hidden: torch.Tensor, head: nn.Linear):
-            found = row_ce_sums(hidden, head, batch["labels"], chunk)
+            found = row_ce_sums(hidden, head, batch["labels"], chunk, documents, len(doc_sources))
             if long_labels is not None and (long_labels != IGNORE_INDEX).any():
                 return found, row_ce_sums(hidden, head, long_labels, chunk)
             return found, None
@@ -83,12 +89,12 @@ class NextTokenModule(BlueLMModule):
         total = counts.sum()
         if total > 0:
             self.val_loss.update(sums.sum() / total, weight=total)
-        for name in set(batch["source"]):
-            rows = torch.tensor([s == name for s in batch["source"]], device=sums.device)
-            n = counts[rows].sum()
+        for name in set(doc_sources):
+            docs = torch.tensor([s == name for s in doc_sources], device=sums.device)
+            n = counts[docs].sum()
             key = f"src_{name}"
             if key in self.val_source_loss and n > 0:
-                self.val_source_loss[key].update(sums[rows].sum() / n, weight=n)
+                self.val_source_loss[key].update(sums[docs].sum() / n, weight=n)
 
     def on_validation_epoch_end(self) -> None:
         # Whether a metric has data must be decided the same way on every rank (compute() and

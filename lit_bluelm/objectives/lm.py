@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -124,15 +124,27 @@ def next_token_head_loss(labels: torch.Tensor, chunk_size: ChunkSize):
 
 @torch.no_grad()
 def row_ce_sums(
-    hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk_size: ChunkSize
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    labels: torch.Tensor,
+    chunk_size: ChunkSize,
+    groups: Optional[torch.Tensor] = None,
+    n_groups: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token CE and counted tokens per row ([B] each), chunk by chunk, no gradients
-    (validation: per-source losses from one forward)."""
+    (validation: per-source losses from one forward). With ``groups`` [B, T] (ids below
+    ``n_groups``, e.g. the document of every position of packed rows), per group instead
+    ([n_groups] each): a target counts for the group of the position that predicts it."""
     b, t = labels.shape
-    row_ids = torch.arange(b, device=labels.device)[:, None, None].expand(b, t, 1)
-    targets, flat_hidden, rows = shift_and_select(labels, hidden, row_ids)
-    rows = rows.squeeze(-1)
+    if groups is None:
+        groups, n_groups = torch.arange(b, device=labels.device)[:, None].expand(b, t), b
+    elif n_groups is None or groups.shape != labels.shape:
+        raise ValueError(
+            f"groups {tuple(groups.shape)} must match labels {tuple(labels.shape)}, with n_groups"
+        )
+    targets, flat_hidden, ids = shift_and_select(labels, hidden, groups[..., None])
+    ids = ids.squeeze(-1)
     _, sums = chunked_linear_loss(
-        flat_hidden, Head(head.weight, head.bias), RowCE(targets, rows, b), chunk_size
+        flat_hidden, Head(head.weight, head.bias), RowCE(targets, ids, n_groups), chunk_size
     )
-    return sums, torch.bincount(rows, minlength=b)
+    return sums, torch.bincount(ids, minlength=n_groups)
