@@ -78,8 +78,12 @@ TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the o
 EVAL = "eval_sft"  # the SFT checkpoint evaluated on the demo tasks, into <runs>/eval_sft
 EVAL_BUDGETS = (0, 8, 32, 128)
 # passkey retrieval before the context switch (the reasoning checkpoint, measured beyond its
-# context) and after it (the long-context checkpoint), into <runs>/passkey_before|after
-PASSKEY = {"passkey_before": ("reasoning", True), "passkey_after": ("long_context", False)}
+# context up to the claims' 4x: at 8x, a third of an evaluation's time, it has read 0.00) and
+# after it (the long-context checkpoint, every length), into <runs>/passkey_before|after
+PASSKEY = {
+    "passkey_before": ("reasoning", ("extrapolate=true", "passkey_factors=[0.5,1,2,4]")),
+    "passkey_after": ("long_context", ()),
+}
 EVALS = (EVAL, *PASSKEY)  # --from any of them reruns them all (a minute)
 PASSKEY_SETTINGS: Tuple[str, ...] = ()  # more evaluate arguments (none: the task's lengths, depths, trials)
 DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
@@ -98,14 +102,14 @@ def eval_argv(runs: str, demo_dir: str) -> List[str]:
 
 def passkey_argv(runs: str, name: str) -> List[str]:
     """The ``python -m lit_bluelm.evaluate`` arguments of the passkey evaluation ``name``."""
-    stage, extrapolate = PASSKEY[name]
+    stage, settings = PASSKEY[name]
     return [
         f"ckpt={runs}/{stage}/checkpoints/last.ckpt",
         f"out={runs}/{name}",
         "tasks=[passkey]",
         "batch_size=50",
-        *(["extrapolate=true"] if extrapolate else []),
-        *PASSKEY_SETTINGS,
+        *settings,
+        *PASSKEY_SETTINGS,  # the last value of a key counts
     ]
 
 

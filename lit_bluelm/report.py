@@ -30,7 +30,7 @@ REPORT_JSON = "report.json"
 SEEDS_JSON = "seeds.json"
 REPORT_MD = "report.md"
 PASSKEY_TITLES = {
-    "passkey_before": "before the context switch (the reasoning checkpoint, beyond its context)",
+    "passkey_before": "before the context switch (the reasoning checkpoint, beyond its context up to 4x)",
     "passkey_after": "after it (the long-context checkpoint)",
 }
 
