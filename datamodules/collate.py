@@ -20,6 +20,11 @@ class Collator:
     ``doc_sources``; a packed row's padding counts for its last document and has no labels);
     ``data_state``; ``skipped`` (samples skipped by the reader since its last batch, per reason:
     a tensor in ``SKIP_REASONS`` order).
+
+    Preference pairs (examples with ``rejected_ids``): P pairs become 2P rows, the chosen
+    sequences first (rows 0..P-1), then the rejected ones in the same order (rows P..2P-1), each
+    with its own copy of the prompt's image tiles; the batch adds ``pairs`` (P) and ``margin``
+    [P]. The per-row lists (``source``, ``key``, ``task``) hold 2P entries in row order.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 8) -> None:
@@ -27,6 +32,17 @@ class Collator:
         self.pad_to_multiple = pad_to_multiple
 
     def __call__(self, examples: List[Example]) -> Dict[str, Any]:
+        pairs = [e for e in examples if "rejected_ids" in e]
+        if pairs:
+            if len(pairs) != len(examples):
+                raise ValueError("a batch mixes preference pairs with single sequences")
+            batch = self._rows(examples + [_rejected_row(e) for e in examples])
+            batch["pairs"] = len(examples)
+            batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples])
+            return batch
+        return self._rows(examples)
+
+    def _rows(self, examples: List[Example]) -> Dict[str, Any]:
         longest = max(len(e["input_ids"]) for e in examples)
         m = self.pad_to_multiple
         width = -(-longest // m) * m if m > 1 else longest
@@ -70,6 +86,18 @@ class Collator:
             # the reader state after this batch (training streams; see datamodules.streams)
             "data_state": next((e["data_state"] for e in reversed(examples) if "data_state" in e), None),
         }
+
+
+def _rejected_row(pair: Example) -> Example:
+    """The rejected side of a preference pair as a row of its own (the reader's bookkeeping,
+    ``skipped`` and ``data_state``, stays with the chosen side: counted once)."""
+    ids = pair["rejected_ids"]
+    return {
+        "input_ids": ids,
+        "labels": torch.full_like(ids, IGNORE_INDEX),
+        "pixel_values": pair.get("pixel_values"),
+        **{k: pair[k] for k in ("source", "key", "task") if k in pair},
+    }
 
 
 def _document_of(position_ids, n: int, width: int, count: int) -> torch.Tensor:

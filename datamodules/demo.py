@@ -17,6 +17,12 @@ Writes, for each split ``{train,val}``:
 * ``long-NNNNNN.tar``: long documents (about 500 to 2,000 tokens) of filler and facts with a
   passkey, or named codes, far back and a question about them at the end, for the long-context
   stage;
+* ``pref_think-NNNNNN.tar``, ``pref_topic-NNNNNN.tar``, ``pref_color-NNNNNN.tar``: preference
+  pairs for the reward model (:func:`datamodules.demo_tasks.preference_pair`): a worked sum
+  whose answer follows from its thinking vs the same thinking with a contradicting answer; the
+  answer to the question vs an answer to another task's question; an image's caption vs the
+  caption with one shape in a wrong colour. Training and validation pairs never share a prompt
+  (:func:`datamodules.demo_tasks.pair_split`); they do not train the tokenizer;
 
 and ``<out>/eval/<task>.jsonl`` (+ ``eval/images/``), the held-out items of ``demo_arith``,
 ``demo_count`` and ``demo_color``, none of which occurs in any shard, and ``<out>/tokenizer``
@@ -43,6 +49,7 @@ from PIL import Image
 
 from datamodules.demo_tasks import (
     COLORS,
+    PAIR_TYPES,
     SHAPES,
     Item,
     arith_item,
@@ -57,6 +64,7 @@ from datamodules.demo_tasks import (
     kingdoms,
     long_text,
     passkey_text,
+    preference_pair,
     scene,
     task_makers,
 )
@@ -72,8 +80,9 @@ MARKER = ".complete"
 # SFT task shares arith 0.3, count 0.25, colour 0.25, 9: counting asks the question before the
 # image and thinks one short sentence, SFT task shares arith 0.25, count 0.45, colour 0.2, open
 # 0.1, three times the SFT conversations, 10: passkey and long documents, the tokenizer trained
-# on some of them); older sets are rewritten
-VERSION = 10
+# on some of them, 11: preference pairs, which leave every earlier shard and the tokenizer as
+# they were); older sets are rewritten
+VERSION = 11
 # the tasks of an SFT conversation, with their shares
 # (colour at 0.15 left the chat-format colour answer half learned on some runs, 0.51, though the
 # same checkpoint named the colour in pre-training's words at 0.99; at 0.25 it read 0.99; counting
@@ -276,6 +285,27 @@ def _sft_samples(think: bool):
     return samples
 
 
+def _pair_samples(pair_type: str):
+    """Preference pairs of one type (``json``: messages, chosen, rejected, task; ``0.png``)."""
+
+    def samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
+        split = prefix.split("-", 1)[0]
+        for i in range(n):
+            item, chosen, rejected = preference_pair(pair_type, rng, ctx.makers, ctx.held_out, split)
+            meta = {
+                "messages": [{"role": "user", "content": item.user_content()}],
+                "chosen": chosen,
+                "rejected": rejected,
+                "task": pair_type,
+            }
+            sample = {"__key__": f"{prefix}-{i:05d}", "json": json.dumps(meta).encode()}
+            if item.image is not None:
+                sample["0.png"] = _png(item.image)
+            yield sample
+
+    return samples
+
+
 SOURCES = {  # source name -> writer of its samples
     "image_text": _image_text_samples,
     "text": _text_samples,
@@ -284,6 +314,7 @@ SOURCES = {  # source name -> writer of its samples
     "sft_nothink": _sft_samples(think=False),
     "passkey": _document_samples(passkey_text, 4),
     "long": _document_samples(long_text, 8),
+    **{name: _pair_samples(name) for name in PAIR_TYPES},
 }
 
 

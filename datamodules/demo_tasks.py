@@ -312,3 +312,80 @@ def long_text(rng: random.Random, table: List[Dict[str, str]]) -> str:
     if rng.random() < 0.5:
         return passkey_document(rng, sentences, haystack(table))
     return records_document(rng, sentences, [k["kingdom"] for k in table], haystack(table))
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+# the demo's preference pair types (one source each, so val/accuracy/<source> is per type)
+PAIR_TYPES = ("pref_think", "pref_topic", "pref_color")
+DESCRIBE = "Describe the image."
+
+
+def pair_split(key: str) -> str:
+    """Which split a pair's prompt belongs to ("val" for one in eight keys, else "train"), so
+    the held-out pairs never share a prompt with a training pair."""
+    return "val" if int(hashlib.sha1(key.encode()).hexdigest(), 16) % 8 == 0 else "train"
+
+
+def _reply(answer: str, thinking: Optional[str] = None) -> Dict[str, str]:
+    return {"content": answer} if thinking is None else {"content": answer, "thinking": thinking}
+
+
+def _wrong_sum(rng: random.Random, total: int) -> int:
+    while True:
+        wrong = total + rng.choice((-20, -10, 10, 20)) + rng.randint(-3, 3)
+        if wrong != total and wrong > 0:
+            return wrong
+
+
+def think_pair(rng: random.Random, item: Item) -> Tuple[Dict, Dict]:
+    """A worked sum whose answer follows from its thinking vs the same thinking with an answer
+    that contradicts it."""
+    wrong = _wrong_sum(rng, int(item.answer))
+    return _reply(item.answer, item.thinking), _reply(str(wrong), item.thinking)
+
+
+def topic_pair(rng: random.Random, item: Item, other: Item) -> Tuple[Dict, Dict]:
+    """The answer to the question vs an answer to another task's question (it ignores this one)."""
+    return _reply(item.answer), _reply(other.answer)
+
+
+def describe_item(rng: random.Random) -> Tuple[Item, List[Obj]]:
+    """An image of one or two shapes to describe, with its caption as the answer."""
+    image, objects = scene(rng, 1, 2)
+    return Item("demo_describe", DESCRIBE, "", caption(objects), image_key(image), image), objects
+
+
+def color_pair(rng: random.Random, objects: List[Obj]) -> Tuple[Dict, Dict]:
+    """The scene's caption vs the same caption with one shape in a wrong colour."""
+    i = rng.randrange(len(objects))
+    wrong = list(objects)
+    wrong[i] = (rng.choice([c for c in COLORS if c != objects[i][0]]), objects[i][1])
+    return _reply(caption(objects)), _reply(caption(wrong))
+
+
+def preference_pair(
+    pair_type: str,
+    rng: random.Random,
+    makers: Dict[str, Callable[[random.Random], Item]],
+    held_out: FrozenSet[str],
+    split: str,
+) -> Tuple[Item, Dict, Dict]:
+    """A pair of ``pair_type`` whose prompt is of ``split`` (:func:`pair_split`) and not a held-out
+    evaluation item: (the prompt's item, chosen, rejected)."""
+    while True:
+        if pair_type == "pref_think":
+            item = arith_item(rng)
+            chosen, rejected = think_pair(rng, item)
+        elif pair_type == "pref_topic":
+            tasks = ("demo_arith", "demo_count", "demo_color", "demo_open")
+            task, other = rng.sample(tasks, 2)
+            item = makers[task](rng)
+            chosen, rejected = topic_pair(rng, item, makers[other](rng))
+        elif pair_type == "pref_color":
+            item, objects = describe_item(rng)
+            chosen, rejected = color_pair(rng, objects)
+        else:
+            raise ValueError(f"unknown pair type '{pair_type}'; valid: {', '.join(PAIR_TYPES)}")
+        if item.key not in held_out and pair_split(item.key) == split and chosen != rejected:
+            return item, chosen, rejected

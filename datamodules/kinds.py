@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from PIL import Image
 
-from lit_bluelm.chat import cot_messages, render, render_chat
+from lit_bluelm.chat import cot_messages, render_chat
 from lit_bluelm.labels import IGNORE_INDEX
 from lit_bluelm.processor import BlueLMProcessor
 from lit_bluelm.tokenizer import IMAGE
@@ -251,10 +251,8 @@ def encode_chat(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -
     thinking-mode sample. A conversation longer than ``seq_len`` is skipped (never split)."""
     meta = decode_json(raw)
     try:
-        rendered = render(_json_field(meta, "messages", list), think_position=processor.think_position)
-        encoded = processor.encode(
-            rendered.text, decode_images(raw, processor), add_eos=True, trained_spans=rendered.trained
-        )
+        messages = _json_field(meta, "messages", list)
+        encoded = processor.encode_conversation(messages, decode_images(raw, processor), trained=True)
     except SampleError:
         raise
     except ValueError as err:
@@ -272,9 +270,66 @@ def encode_cot(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) ->
     return _encode_plain(render_chat(cot_messages(*fields)), meta, processor)
 
 
+def _reply(meta: Dict[str, Any], key: str) -> Dict[str, str]:
+    """A preference sample's ``chosen`` or ``rejected`` reply as an assistant message."""
+    reply = meta.get(key)
+    if not isinstance(reply, dict) or not isinstance(reply.get("content"), str):
+        raise SampleError(f"json member needs a '{key}' object with a 'content' string", "bad_json")
+    thinking = reply.get("thinking")
+    if thinking is not None and not isinstance(thinking, str):
+        raise SampleError(f"'{key}.thinking' is a string", "bad_json")
+    if not reply["content"].strip() and not (thinking or "").strip():
+        raise SampleError(f"the {key} reply is empty")
+    message = {"role": "assistant", "content": reply["content"]}
+    if thinking is not None:
+        message["thinking"] = thinking
+    return message
+
+
+def encode_preference(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
+    """``json`` with ``messages`` (the prompt, ending with a user turn), ``chosen`` and
+    ``rejected`` replies ``{content, thinking?}`` and an optional number ``margin`` (+ images as
+    in ``chat``) -> a pair: ``input_ids`` the prompt with the chosen reply, ``rejected_ids`` with
+    the rejected one, each rendered in the chat format + EOS (a reply with ``thinking`` in the
+    thinking mode), ``pixel_values`` the prompt's images once, no LM targets. Never packed: the
+    collator puts a batch's chosen rows first and its rejected rows after them, one forward for
+    both (:class:`datamodules.collate.Collator`). A pair where either side is longer than
+    ``seq_len`` is skipped (``too_long``); an empty or identical pair is ``invalid``."""
+    meta = decode_json(raw)
+    messages = _json_field(meta, "messages", list)
+    chosen, rejected = _reply(meta, "chosen"), _reply(meta, "rejected")
+    if chosen == rejected:
+        raise SampleError("chosen and rejected replies are identical")
+    margin = meta.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+        raise SampleError("'margin' is a number", "bad_json")
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        raise SampleError("a preference prompt ends with a user message")
+    images = decode_images(raw, processor)
+    sides = []
+    try:
+        for reply in (chosen, rejected):
+            sides.append(processor.encode_conversation([*messages, reply], images))
+    except SampleError:
+        raise
+    except ValueError as err:
+        raise SampleError(str(err)) from None
+    longest = max(len(side.input_ids) for side in sides)
+    if longest > seq_len:
+        raise TooLong(f"a preference pair side of {longest} tokens > data.seq_len={seq_len}")
+    example = _example(sides[0].input_ids, sides[0].pixel_values, meta, processor.image_token_id)
+    example["labels"].fill_(IGNORE_INDEX)  # a reward, not next tokens, is learned from a pair
+    example["rejected_ids"] = torch.tensor(sides[1].input_ids, dtype=torch.long)
+    example["margin"] = float(margin)
+    return example
+
+
 SAMPLE_KINDS: Dict[str, Callable[[Dict[str, Any], BlueLMProcessor, int], Example]] = {
     "text": encode_text,
     "image_text": encode_image_text,
     "chat": encode_chat,
     "cot": encode_cot,
+    "preference": encode_preference,
 }
+# kinds whose examples are (chosen, rejected) pairs: only an objective on pairs reads them
+PAIR_KINDS = ("preference",)

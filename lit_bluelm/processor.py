@@ -144,6 +144,19 @@ class BlueLMProcessor:
             flags.extend([trained[i] if trained is not None else False] * n)
         return Encoded(expanded, torch.cat(tiles, dim=0), flags if trained is not None else None)
 
+    def encode_conversation(
+        self, messages: Sequence[dict], images: Sequence[Image.Image] = (), trained: bool = False
+    ) -> Encoded:
+        """A whole conversation (ending with the reply it trains or scores) in the chat format,
+        with this processor's control-token placement, + EOS: what the ``chat`` and
+        ``preference`` sample kinds train on and the reward model scores. ``trained`` marks the
+        assistant replies' ids (``Encoded.trained``). A malformed message is a ValueError."""
+        from lit_bluelm.chat import render
+
+        rendered = render(messages, think_position=self.think_position)
+        spans = rendered.trained if trained else None
+        return self.encode(rendered.text, images, add_eos=True, trained_spans=spans)
+
 
 def load_image(path: str | Path) -> Image.Image:
     """An image file as RGB; one that cannot be read or decoded is a ConfigError naming it."""

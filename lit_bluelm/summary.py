@@ -52,8 +52,13 @@ def _fmt(value: Optional[float]) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
+def _count(value: Optional[float]) -> str:
+    return f"{value:.0f}" if isinstance(value, (int, float)) else "-"
+
+
 def print_table(runs: List[str]) -> None:
-    """One row per run: stage, objective, steps, validation loss before and after (and by source)."""
+    """One row per run: stage, objective, steps, validation loss before and after (and by source;
+    a reward run also its held-out pair accuracy before and after)."""
     print(
         f"{'run':<32} {'stage':<8} {'module':<10} {'steps':>6} {'val_loss_before':>16} {'val_loss_after':>15}"
     )
@@ -68,6 +73,17 @@ def print_table(runs: List[str]) -> None:
             print(
                 f"{'':<32} val_loss_after by source: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items())
+            )
+        if "val_accuracy_after" in s:  # a reward run: held-out pairs ranked right
+            by_source = s.get("val_accuracy_after_by_source") or {}
+            print(
+                f"{'':<32} val_accuracy {_fmt(s.get('val_accuracy_before'))} -> "
+                f"{_fmt(s.get('val_accuracy_after'))} on {_count(s.get('val_pairs_after'))} pairs"
+                + (
+                    " (by source: " + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items()) + ")"
+                    if by_source
+                    else ""
+                )
             )
 
 

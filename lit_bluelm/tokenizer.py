@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -62,3 +62,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:  # many released tokenizers have none: pad with EOS (labels mask it)
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_difference(theirs: PreTrainedTokenizerBase, ours: PreTrainedTokenizerBase) -> Optional[str]:
+    """How two tokenizers map tokens to ids differently (a phrase for an error message), or None
+    when they agree on every (token, id) pair."""
+    a, b = theirs.get_vocab(), ours.get_vocab()
+    if a == b:
+        return None
+    differ = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])
+    return f"{len(a)} vs {len(b)} tokens, {len(differ)} (token, id) pairs differ, e.g. {differ[0]!r}"

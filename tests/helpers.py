@@ -62,6 +62,25 @@ def text_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
     return data + run_args(run_dir, *extra)
 
 
+def reward_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny reward-model run on a demo folder's preference pairs (from random init)."""
+    from datamodules.demo_tasks import PAIR_TYPES
+
+    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
+    data = [
+        "stage=reward",
+        f"tokenizer.path={root}/tokenizer",
+        f"data.demo_dir={root}",
+        "data.val_batch_size=4",
+    ]
+    for name in PAIR_TYPES:
+        data += [
+            f"data.sources.{name}.train={root}/train/{name}-{{000000..{t:06d}}}.tar",
+            f"data.sources.{name}.val={root}/val/{name}-{{000000..{v:06d}}}.tar",
+        ]
+    return data + run_args(run_dir, "data.seq_len=256", *extra)
+
+
 def png_bytes(size=(224, 112), color=(0, 128, 255)) -> bytes:
     """A solid-colour PNG image file's bytes."""
     import io

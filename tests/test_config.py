@@ -140,6 +140,9 @@ def test_a_preset_cannot_set_what_a_stage_owns(tmp_path, monkeypatch):
     (root / "model" / "textonly.yaml").write_text(tiny.replace("model:\n", "model:\n  text_only: true\n", 1))
     with pytest.raises(ConfigError, match="model.text_only, which belongs to the stage"):
         load_config(["model=textonly"])
+    (root / "model" / "scorer.yaml").write_text(tiny.replace("model:\n", "model:\n  reward_head: true\n", 1))
+    with pytest.raises(ConfigError, match="model.reward_head, which belongs to the stage"):
+        load_config(["model=scorer"])
     scaled = tiny.replace(
         "rope_type: default", "rope_type: yarn, factor: 4, original_max_position_embeddings: 2048"
     )

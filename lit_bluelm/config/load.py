@@ -22,7 +22,7 @@ from lit_bluelm.errors import ConfigError
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent.parent / "configs"
 # what a stage owns: a preset (an architecture) may not set these, so it can never undo them
-STAGE_OWNED = ("model.text_only",)
+STAGE_OWNED = ("model.text_only", "model.reward_head")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "original_max_position_embeddings")
 
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 from lit_bluelm.errors import choice
 from lit_bluelm.objectives.distill import DistillConfig
 from lit_bluelm.objectives.linear_loss import LossConfig
+from lit_bluelm.objectives.reward import RewardConfig
 
 DEFAULT_STAGE = "joint"
 DEFAULT_MODEL = "tiny"
@@ -71,6 +72,9 @@ class ModelConfig:
     # the LLM alone, no vision tower or adapter (stage 1); later stages load its weights into a
     # full model with init_from. Owned by the stage: a preset may not set it (config/load.py)
     text_only: bool = False
+    # a scalar reward head (``score``: Linear(hidden, 1, bias=False) on each sequence's last real
+    # token) beside the LM head: the reward model (``stage=reward``). Owned by the stage
+    reward_head: bool = False
     # id of the <image> placeholder; resolved from the tokenizer at launch when null
     image_token_id: Optional[int] = None
 
@@ -80,7 +84,7 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "text"  # SAMPLE_KINDS key: text | image_text | chat | cot
+    kind: str = "text"  # SAMPLE_KINDS key: text | image_text | chat | cot | preference
     train: str = ""  # brace pattern of shards (local path or any webdataset gopen URL)
     val: Optional[str] = None
     repeat: float = 1.0  # key-data upsampling: drawn repeat x as often as its data.mix weight says
@@ -145,6 +149,7 @@ class ComponentLR:
     vision: float = 2e-5
     adapter: float = 1e-3
     llm: float = 2e-4
+    score: float = 1e-3  # the reward head (model.reward_head); other models have none
 
 
 @dataclass
@@ -235,6 +240,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -12,12 +12,15 @@ from transformers import PreTrainedModel
 
 from lit_bluelm.anyres import tokens_per_tile
 from lit_bluelm.models.vision import VisionTower
+from lit_bluelm.objectives.reward import last_token_rewards
 
 
 class BlueLM(nn.Module):
-    """``vision`` + ``adapter`` + ``llm``; checkpoint keys are ``vision.*``, ``adapter.*``, ``llm.*``.
+    """``vision`` + ``adapter`` + ``llm`` (+ ``score``); checkpoint keys are ``vision.*``,
+    ``adapter.*``, ``llm.*`` (and ``score.weight``).
 
-    ``vision`` and ``adapter`` may be ``None`` for a text-only model (stage 1).
+    ``vision`` and ``adapter`` may be ``None`` for a text-only model (stage 1). ``score`` is the
+    reward model's scalar head (``Linear(hidden, 1, bias=False)``, :meth:`reward`), None elsewhere.
     """
 
     def __init__(
@@ -27,12 +30,14 @@ class BlueLM(nn.Module):
         llm: PreTrainedModel,
         image_token_id: int,
         downsample: int = 2,
+        score: Optional[nn.Linear] = None,
     ) -> None:
         super().__init__()
         assert (vision is None) == (adapter is None), "vision and adapter come together"
         self.vision = vision
         self.adapter = adapter
         self.llm = llm
+        self.score = score
         self.image_token_id = image_token_id
         self.tokens_per_tile = tokens_per_tile(vision.grid_size, downsample) if vision is not None else 0
 
@@ -116,3 +121,26 @@ class BlueLM(nn.Module):
             return self.llm(inputs_embeds=embeds, **kwargs).logits
         hidden = self.llm.base_model(inputs_embeds=embeds, **kwargs).last_hidden_state
         return head_fn(hidden, self.output_head())
+
+    def reward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """[B] scalar rewards, read by ``score`` at each row's last real token (``attention_mask``
+        1). Right-padded rows need no mask inside the model (causal attention: a pad never
+        reaches an earlier token), so SDPA keeps its causal fast path; left-padded rows pass the
+        mask and positions that start at their first real token."""
+        if self.score is None:
+            raise ValueError("this model has no reward head (model.reward_head: false)")
+        embeds = self.embed(input_ids, pixel_values)
+        mask = attention_mask.bool()
+        left_padded = bool((~mask[:, 0]).any())
+        kwargs: dict = dict(use_cache=False)
+        if left_padded:
+            kwargs |= dict(
+                attention_mask=attention_mask, position_ids=(mask.long().cumsum(1) - 1).clamp(min=0)
+            )
+        hidden = self.llm.base_model(inputs_embeds=embeds, **kwargs).last_hidden_state
+        return last_token_rewards(hidden, attention_mask, self.score)

@@ -5,10 +5,12 @@ from typing import Dict, Type
 from lit_bluelm.modules.base import BlueLMModule
 from lit_bluelm.modules.distill import DistillModule
 from lit_bluelm.modules.next_token import NextTokenModule
+from lit_bluelm.modules.reward import RewardModule
 
 STAGE_MODULES: Dict[str, Type[BlueLMModule]] = {
     "next_token": NextTokenModule,
     "distill": DistillModule,
+    "reward": RewardModule,
 }
 
-__all__ = ["STAGE_MODULES", "BlueLMModule", "DistillModule", "NextTokenModule"]
+__all__ = ["STAGE_MODULES", "BlueLMModule", "DistillModule", "NextTokenModule", "RewardModule"]

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from lit_bluelm.checkpoint import load_model_weights
 from lit_bluelm.config import CONFIG_VERSION, from_container
+from lit_bluelm.errors import ConfigError
 from lit_bluelm.models import BlueLM, build_model
 from lit_bluelm.modules.optim import build_optimizer, freeze_components
 from lit_bluelm.parallel import apply_fsdp, fsdp_param_dtype
@@ -31,6 +32,9 @@ class BlueLMModule(L.LightningModule):
     summary_metrics: ClassVar[Dict[str, str]] = {"val_loss": "val/loss"}
     # logged metrics under this prefix go to summary.json as <first summary name>_after_by_source
     summary_by_source: ClassVar[Optional[str]] = None
+    # whether the objective reads (chosen, rejected) pairs (datamodules.kinds.PAIR_KINDS) rather
+    # than single sequences: a stage reads one or the other
+    reads_pairs: ClassVar[bool] = False
 
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__()
@@ -42,7 +46,16 @@ class BlueLMModule(L.LightningModule):
     @classmethod
     def check(cls, cfg: DictConfig, tokenizer: Any) -> None:
         """Start-up checks of what this objective needs from the tokenizer and its sources
-        (after the config's own checks, before any data or model work)."""
+        (after the config's own checks, before any data or model work). Here: every source
+        is of the sample shape the objective reads (pairs or single sequences)."""
+        from datamodules.kinds import PAIR_KINDS
+
+        for name, src in cfg.data.sources.items():
+            if (src.kind in PAIR_KINDS) != cls.reads_pairs:
+                wanted = (
+                    "pairs of the kinds " + ", ".join(PAIR_KINDS) if cls.reads_pairs else "single sequences"
+                )
+                raise ConfigError(f"module={cfg.module} reads {wanted}: data.sources.{name} is {src.kind}")
 
     # ------------------------------------------------------------------ model
 

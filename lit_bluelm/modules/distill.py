@@ -30,7 +30,7 @@ from lit_bluelm.modules.base import Batch
 from lit_bluelm.modules.next_token import NextTokenModule
 from lit_bluelm.objectives import Chunking, Head, KDOptions, distill_head_loss
 from lit_bluelm.parallel import compute_dtype
-from lit_bluelm.tokenizer import load_tokenizer
+from lit_bluelm.tokenizer import load_tokenizer, tokenizer_difference
 
 TEACHER_KEY = "distill.teacher"
 
@@ -44,6 +44,7 @@ class DistillModule(NextTokenModule):
 
     @classmethod
     def check(cls, cfg: DictConfig, tokenizer: Any) -> None:
+        super().check(cfg, tokenizer)
         if not cfg.distill.teacher:
             raise ConfigError(
                 "module=distill needs distill.teacher (a model preset, a Hugging Face directory or a "
@@ -150,11 +151,8 @@ def check_teacher(source, student_vocab: int, tokenizer) -> None:
         )
     if source.tokenizer is None or not Path(source.tokenizer).exists():
         return  # a preset teacher, or a directory without tokenizer files: ids are assumed shared
-    theirs, ours = load_tokenizer(source.tokenizer).get_vocab(), tokenizer.get_vocab()
-    if theirs != ours:
-        differ = sorted(set(theirs.items()) ^ set(ours.items()), key=lambda kv: kv[1])
+    difference = tokenizer_difference(load_tokenizer(source.tokenizer), tokenizer)
+    if difference is not None:
         raise ConfigError(
-            f"{TEACHER_KEY}: its tokenizer ({source.tokenizer}) differs from tokenizer.path: "
-            f"{len(theirs)} vs {len(ours)} tokens, {len(differ)} (token, id) pairs differ, "
-            f"e.g. {differ[0]!r}"
+            f"{TEACHER_KEY}: its tokenizer ({source.tokenizer}) differs from tokenizer.path: {difference}"
         )

@@ -10,7 +10,7 @@ from torch import nn
 
 from lit_bluelm.registry import lookup
 
-COMPONENTS = ("vision", "adapter", "llm")
+COMPONENTS = ("vision", "adapter", "llm", "score")  # score: the reward head, when there is one
 
 
 def freeze_components(model: nn.Module, lr: Any) -> List[str]:

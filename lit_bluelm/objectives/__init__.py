@@ -2,7 +2,8 @@
 
 ``linear_loss``: the chunked output projection any loss runs through; ``lm``: next-token CE;
 ``distill``: CE + logit distillation and the ``distill`` config section; ``token_logprobs``:
-per-token log-probabilities and entropies of given tokens (RL, scoring).
+per-token log-probabilities and entropies of given tokens (RL, scoring); ``reward``: the
+Bradley-Terry loss of the reward model and the ``reward`` config section.
 """
 
 from lit_bluelm.objectives.distill import (
@@ -21,6 +22,14 @@ from lit_bluelm.objectives.linear_loss import (
     naive_linear_loss,
 )
 from lit_bluelm.objectives.lm import LossParts, next_token_head_loss, next_token_loss, row_ce_sums
+from lit_bluelm.objectives.reward import (
+    PairStats,
+    RewardConfig,
+    bradley_terry_loss,
+    last_token_index,
+    last_token_rewards,
+    pair_stats,
+)
 from lit_bluelm.objectives.token_logprobs import (
     TokenLogprobs,
     naive_token_logprobs,
@@ -36,15 +45,21 @@ __all__ = [
     "KDOptions",
     "LossConfig",
     "LossParts",
+    "PairStats",
+    "RewardConfig",
     "TokenLogprobs",
+    "bradley_terry_loss",
     "chunked_linear_loss",
     "distill_head_loss",
     "distill_linear_loss",
+    "last_token_index",
+    "last_token_rewards",
     "naive_distill_loss",
     "naive_linear_loss",
     "naive_token_logprobs",
     "next_token_head_loss",
     "next_token_loss",
+    "pair_stats",
     "per_token_loss",
     "row_ce_sums",
     "token_logprobs",
