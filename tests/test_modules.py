@@ -38,9 +38,12 @@ def _quiet_step(fn, *args):
 
 
 def test_stage_modules_are_registered():
-    assert STAGE_MODULES == {"next_token": NextTokenModule, "distill": DistillModule}
-    for cls in STAGE_MODULES.values():
+    from lit_bluelm.modules import RewardModule
+
+    assert STAGE_MODULES == {"next_token": NextTokenModule, "distill": DistillModule, "reward": RewardModule}
+    for cls in (NextTokenModule, DistillModule):
         assert cls.best_metric == "val/loss" and cls.best_mode == "min"
+    assert (RewardModule.best_metric, RewardModule.best_mode) == ("val/accuracy", "max")
 
 
 def test_next_token_module_trains_and_validates_on_plain_ce():
