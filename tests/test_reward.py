@@ -168,7 +168,14 @@ def test_the_stage_fits_from_random_init_and_reports_pair_accuracy(fitted):
 
 
 def test_the_stage_resumes_exactly(demo_dir, tmp_path):
-    common = ["optim.schedule=constant", "validate_before_fit=false", "trainer.val_check_interval=3"]
+    # the schedule by step, not by fraction: the stopped run has another max_steps
+    schedule = "data.schedule=[{step: 0, mix: {pref_think: 1.0, pref_topic: 0.0}}, {step: 4, mix: {pref_topic: 1.0}}]"
+    common = [
+        "optim.schedule=constant",
+        "validate_before_fit=false",
+        "trainer.val_check_interval=3",
+        schedule,
+    ]
 
     def run(name, *extra):
         summary = train.run(load_config(reward_args(demo_dir, tmp_path / name, *common, *extra)))
