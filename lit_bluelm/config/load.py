@@ -59,6 +59,8 @@ def _merge(base: DictConfig, other: Any, source: str, key: str = "?") -> DictCon
         merged = OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
         raise _explain(err, source, key) from None
+    except TypeError as err:  # OmegaConf: a list given where the schema has a mapping, or back
+        raise ConfigError(f"bad config key '{key}' ({source}): {_first_line(err)}") from None
     assert isinstance(merged, DictConfig)
     return merged
 

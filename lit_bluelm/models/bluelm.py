@@ -131,16 +131,18 @@ class BlueLM(nn.Module):
         """[B] scalar rewards, read by ``score`` at each row's last real token (``attention_mask``
         1). Right-padded rows need no mask inside the model (causal attention: a pad never
         reaches an earlier token), so SDPA keeps its causal fast path; left-padded rows pass the
-        mask and positions that start at their first real token."""
+        mask and positions that start at their first real token. It runs through ``forward``
+        (``head_fn``), so FSDP gathers the head with the other root weights."""
         if self.score is None:
             raise ValueError("this model has no reward head (model.reward_head: false)")
-        embeds = self.embed(input_ids, pixel_values)
         mask = attention_mask.bool()
-        left_padded = bool((~mask[:, 0]).any())
-        kwargs: dict = dict(use_cache=False)
-        if left_padded:
-            kwargs |= dict(
+        mask_kwargs: dict = {}
+        if bool((~mask[:, 0]).any()):  # left padding
+            mask_kwargs = dict(
                 attention_mask=attention_mask, position_ids=(mask.long().cumsum(1) - 1).clamp(min=0)
             )
-        hidden = self.llm.base_model(inputs_embeds=embeds, **kwargs).last_hidden_state
-        return last_token_rewards(hidden, attention_mask, self.score)
+
+        def head_fn(hidden: torch.Tensor, _lm_head: nn.Linear) -> torch.Tensor:
+            return last_token_rewards(hidden, attention_mask, self.score)
+
+        return self(input_ids, pixel_values=pixel_values, head_fn=head_fn, **mask_kwargs)
