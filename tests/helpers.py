@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = DemoSpec(train_shards=4, val_shards=2, train_per_shard=48, val_per_shard=16, vocab_size=1024)
 
 
-def data_args(root: Path) -> List[str]:
-    """Overrides that point the joint stage at a demo folder."""
+def data_args(root: Path, sources=("image_text", "text")) -> List[str]:
+    """Overrides that point a stage's ``sources`` (the joint stage's by default) at a demo folder."""
     t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
     args = [f"tokenizer.path={root}/tokenizer", f"data.demo_dir={root}"]
-    for name in ("image_text", "text"):
+    for name in sources:
         args += [
             f"data.sources.{name}.train={root}/train/{name}-{{000000..{t:06d}}}.tar",
             f"data.sources.{name}.val={root}/val/{name}-{{000000..{v:06d}}}.tar",
@@ -51,33 +51,14 @@ def tiny_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
 
 def text_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
     """A fast tiny text (stage 1) run on a demo folder."""
-    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
-    data = [
-        "stage=text",
-        f"tokenizer.path={root}/tokenizer",
-        f"data.demo_dir={root}",
-        f"data.sources.text.train={root}/train/text-{{000000..{t:06d}}}.tar",
-        f"data.sources.text.val={root}/val/text-{{000000..{v:06d}}}.tar",
-    ]
-    return data + run_args(run_dir, *extra)
+    return ["stage=text", *data_args(root, ("text",))] + run_args(run_dir, *extra)
 
 
 def reward_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
     """A fast tiny reward-model run on a demo folder's preference pairs (from random init)."""
     from datamodules.demo_tasks import PAIR_TYPES
 
-    t, v = SMALL.train_shards - 1, SMALL.val_shards - 1
-    data = [
-        "stage=reward",
-        f"tokenizer.path={root}/tokenizer",
-        f"data.demo_dir={root}",
-        "data.val_batch_size=4",
-    ]
-    for name in PAIR_TYPES:
-        data += [
-            f"data.sources.{name}.train={root}/train/{name}-{{000000..{t:06d}}}.tar",
-            f"data.sources.{name}.val={root}/val/{name}-{{000000..{v:06d}}}.tar",
-        ]
+    data = ["stage=reward", *data_args(root, PAIR_TYPES), "data.val_batch_size=4"]
     return data + run_args(run_dir, "data.seq_len=256", *extra)
 
 
