@@ -66,7 +66,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("joint", ("stage=joint", "init_from={base}/text/checkpoints/last.ckpt")),
     Stage("reasoning", ("stage=reasoning", f"init_from={_last('joint')}")),
     # rows of 4x the original context (the stage's default is the switched 8x): the demo's
-    # share of the 20 minutes; the passkey evaluation reads 8x too
+    # share of the 20 minutes
     Stage("long_context", ("stage=long_context", f"init_from={_last('reasoning')}", "data.seq_len=2048")),
     # no training: the long-context model validated on the reasoning stage's sources (the same
     # batches as the reasoning run's), so the claims can compare their losses source by source
@@ -78,11 +78,13 @@ TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the o
 EVAL = "eval_sft"  # the SFT checkpoint evaluated on the demo tasks, into <runs>/eval_sft
 EVAL_BUDGETS = (0, 8, 32, 128)
 # passkey retrieval before the context switch (the reasoning checkpoint, measured beyond its
-# context up to the claims' 4x: at 8x, a third of an evaluation's time, it has read 0.00) and
-# after it (the long-context checkpoint, every length), into <runs>/passkey_before|after
+# context) and after it (the long-context checkpoint), into <runs>/passkey_before|after, at the
+# lengths up to the claims' 4x: 8x is a third of an evaluation's time (before the switch it has
+# read 0.00; `python -m lit_bluelm.evaluate tasks=[passkey]` measures it by default)
+PASSKEY_FACTORS = "passkey_factors=[0.5,1,2,4]"
 PASSKEY = {
-    "passkey_before": ("reasoning", ("extrapolate=true", "passkey_factors=[0.5,1,2,4]")),
-    "passkey_after": ("long_context", ()),
+    "passkey_before": ("reasoning", ("extrapolate=true", PASSKEY_FACTORS)),
+    "passkey_after": ("long_context", (PASSKEY_FACTORS,)),
 }
 EVALS = (EVAL, *PASSKEY)  # --from any of them reruns them all (a minute)
 PASSKEY_SETTINGS: Tuple[str, ...] = ()  # more evaluate arguments (none: the task's lengths, depths, trials)
