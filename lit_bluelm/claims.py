@@ -27,6 +27,10 @@ THINK_HURTS = 0.05  # image tasks: think@128 may trail no-think by at most this
 PASSKEY_GAIN = (4.0, 0.20)  # at 4x the original context, after the switch >= before + 0.20
 PASSKEY_KEEP = (1.0, -0.05)  # at 1x, after >= before - 0.05 (accuracies averaged over depths)
 SHORT_LOSS = 1.05  # the reasoning stage's validation sources: loss after long context <= 1.05 x
+REWARD = "reward"
+REWARD_ACCURACY = 0.90  # held-out pairs ranked right, all types together
+REWARD_PER_TYPE = 0.80  # ... and of each pair type (source)
+REWARD_PAIRS = 300  # held-out pairs the accuracy is measured on, at least
 LONG = "long_context"
 SHORT = "long_context_short"  # the long-context model on the reasoning stage's validation sources
 
@@ -157,6 +161,34 @@ def short_context_kept(ev: Evidence) -> Optional[Claim]:
     )
 
 
+def _reward_after(ev: Evidence) -> Optional[dict]:
+    summary = ev.summaries.get(REWARD)
+    return summary if summary and summary.get("val_accuracy_after") is not None else None
+
+
+def reward_accuracy(ev: Evidence) -> Optional[Claim]:
+    summary = _reward_after(ev)
+    if summary is None:
+        return None
+    return _at_least(f"{REWARD}: held-out pair accuracy", summary["val_accuracy_after"], REWARD_ACCURACY)
+
+
+def reward_per_type(ev: Evidence) -> Optional[Claim]:
+    """The worst pair type's held-out accuracy (each type is a source of the reward stage)."""
+    summary = _reward_after(ev)
+    by_source = (summary or {}).get("val_accuracy_after_by_source") or {}
+    if not by_source:
+        return None
+    return _at_least(f"{REWARD}: worst pair type's accuracy", min(by_source.values()), REWARD_PER_TYPE)
+
+
+def reward_pairs(ev: Evidence) -> Optional[Claim]:
+    summary = _reward_after(ev)
+    if summary is None or summary.get("val_pairs_after") is None:
+        return None
+    return _at_least(f"{REWARD}: held-out pairs measured", summary["val_pairs_after"], REWARD_PAIRS)
+
+
 # (claim, how it is judged over seeds: "every" seed or the seeds' "mean")
 CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (distilled_beats_scratch, "every"),
@@ -168,6 +200,9 @@ CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (_passkey(*PASSKEY_GAIN), "every"),
     (_passkey(*PASSKEY_KEEP), "every"),
     (short_context_kept, "every"),
+    (reward_accuracy, "every"),
+    (reward_per_type, "every"),
+    (reward_pairs, "every"),
 )
 
 

@@ -7,7 +7,8 @@ Runs each stage of :data:`STAGES` as ``train.py`` would with the arguments it pr
 teacher, the tiny student trained from scratch (the baseline), the student pruned out of the
 teacher and distilled, joint pre-training, the reasoning stage, the long-context stage (YaRN,
 rows of 4x the original context), the long-context model validated on the reasoning stage's
-sources (``long_context_short``: ``trainer.max_steps=0``, no training) and SFT; then it
+sources (``long_context_short``: ``trainer.max_steps=0``, no training), SFT and the reward
+model (from the SFT checkpoint, on the demo's preference pairs); then it
 evaluates the SFT checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128) and
 passkey retrieval before the context switch (``passkey_before``: the reasoning checkpoint,
 ``extrapolate=true``) and after it (``passkey_after``: the long-context checkpoint). It ends with
@@ -72,6 +73,8 @@ STAGES: Tuple[Stage, ...] = (
     # batches as the reasoning run's), so the claims can compare their losses source by source
     Stage("long_context_short", ("stage=reasoning", f"init_from={_last('long_context')}"), trains=False),
     Stage("sft", ("stage=sft", f"init_from={_last('long_context')}")),
+    # the reward model: the SFT model with a scalar head, on held-out preference pairs
+    Stage("reward", ("stage=reward", f"init_from={_last('sft')}")),
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
 TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the ones after them

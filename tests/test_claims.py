@@ -29,6 +29,11 @@ SUMMARIES = {
     "text_scratch": {"val_loss_after": 1.09},
     "reasoning": {"val_loss_after_by_source": {"cot": 0.40, "text": 1.0, "passkey": 0.9}},
     "long_context_short": {"val_loss_after_by_source": {"cot": 0.41, "text": 1.02, "passkey": 0.9}},
+    "reward": {
+        "val_accuracy_after": 0.93,
+        "val_accuracy_after_by_source": {"pref_think": 0.85, "pref_topic": 1.0, "pref_color": 0.94},
+        "val_pairs_after": 320.0,
+    },
 }
 
 
@@ -58,6 +63,9 @@ def test_every_claim_on_a_run_that_meets_them():
     assert found["demo_color: think@128 - no_think"].value == pytest.approx(0.02)
     assert found["demo_count: no_think accuracy"].value == pytest.approx(0.75)
     assert found["text: distilled val/loss < scratch's"].target == "< 1.0900"
+    assert found["reward: held-out pair accuracy"].value == pytest.approx(0.93)
+    assert found["reward: worst pair type's accuracy"].value == pytest.approx(0.85)
+    assert found["reward: held-out pairs measured"].value == 320
     # the smallest rise is 0 -> 8: 0.01 + hypot(0.02, 0.02)
     monotone = found["demo_arith: accuracy rises with budget 0/8/32/128 (1 stderr)"]
     assert monotone.value == pytest.approx(0.01 + 0.02 * 2**0.5)
@@ -89,6 +97,13 @@ def test_each_claim_is_missed_on_its_own_failure():
     assert missed(Evidence(rows=rows(), passkey=passkey(at_1x=(0.9, 0.85)))) == set()  # -0.05 holds
     forgot = {**SUMMARIES, "long_context_short": {"val_loss_after_by_source": {"cot": 0.43, "text": 1.0}}}
     assert missed(Evidence(forgot)) == {"long_context: reasoning val/loss by source, after / before"}
+    reward = SUMMARIES["reward"]
+    weak = {"reward": {**reward, "val_accuracy_after": 0.89}}
+    assert missed(Evidence(weak)) == {"reward: held-out pair accuracy"}
+    one_type = {"reward": {**reward, "val_accuracy_after_by_source": {"pref_think": 0.79, "pref_topic": 1.0}}}
+    assert missed(Evidence(one_type)) == {"reward: worst pair type's accuracy"}
+    few = {"reward": {**reward, "val_pairs_after": 299.0}}
+    assert missed(Evidence(few)) == {"reward: held-out pairs measured"}
 
 
 def test_claims_without_evidence_are_left_out():
