@@ -25,6 +25,11 @@ class Collator:
     sequences first (rows 0..P-1), then the rejected ones in the same order (rows P..2P-1), each
     with its own copy of the prompt's image tiles; the batch adds ``pairs`` (P) and ``margin``
     [P]. The per-row lists (``source``, ``key``, ``task``) hold 2P entries in row order.
+
+    RL prompts (examples with ``prompt``, the ``rl_prompt`` kind) keep the rows above for the
+    loader's bookkeeping and add ``prompts``: one dict per example with its ``ids`` by mode,
+    ``messages``, ``answer``, ``task``, ``images``, ``key``, ``source`` and its own
+    ``pixel_values`` (or None).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple: int = 8) -> None:
@@ -39,6 +44,20 @@ class Collator:
             batch = self._rows(examples + [_rejected_row(e) for e in examples])
             batch["pairs"] = len(examples)
             batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples])
+            return batch
+        prompts = [e for e in examples if "prompt" in e]
+        if prompts:
+            if len(prompts) != len(examples):
+                raise ValueError("a batch mixes RL prompts with training sequences")
+            batch = self._rows(examples)
+            batch["prompts"] = [
+                {
+                    **e["prompt"],
+                    "pixel_values": e.get("pixel_values"),
+                    **{k: e.get(k, "") for k in ("source", "key")},
+                }
+                for e in examples
+            ]
             return batch
         return self._rows(examples)
 

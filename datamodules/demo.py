@@ -50,6 +50,7 @@ from PIL import Image
 from datamodules.demo_tasks import (
     COLORS,
     PAIR_TYPES,
+    RL_SOURCES,
     SHAPES,
     Item,
     arith_item,
@@ -65,6 +66,7 @@ from datamodules.demo_tasks import (
     long_text,
     passkey_text,
     preference_pair,
+    rl_prompt,
     scene,
     task_makers,
 )
@@ -81,8 +83,8 @@ MARKER = ".complete"
 # image and thinks one short sentence, SFT task shares arith 0.25, count 0.45, colour 0.2, open
 # 0.1, three times the SFT conversations, 10: passkey and long documents, the tokenizer trained
 # on some of them, 11: preference pairs, which leave every earlier shard and the tokenizer as
-# they were); older sets are rewritten
-VERSION = 11
+# they were, 12: RL prompts, likewise); older sets are rewritten
+VERSION = 12
 # the tasks of an SFT conversation, with their shares
 # (colour at 0.15 left the chat-format colour answer half learned on some runs, 0.51, though the
 # same checkpoint named the colour in pre-training's words at 0.99; at 0.25 it read 0.99; counting
@@ -306,6 +308,26 @@ def _pair_samples(pair_type: str):
     return samples
 
 
+def _rl_samples(source: str):
+    """RL prompts of one source (``json``: messages, task, answer; ``0.png``)."""
+
+    def samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
+        split = prefix.split("-", 1)[0]
+        for i in range(n):
+            item = rl_prompt(source, rng, ctx.makers, ctx.held_out, split)
+            meta = {
+                "messages": [{"role": "user", "content": item.user_content()}],
+                "task": item.task,
+                "answer": item.answer,
+            }
+            sample = {"__key__": f"{prefix}-{i:05d}", "json": json.dumps(meta).encode()}
+            if item.image is not None:
+                sample["0.png"] = _png(item.image)
+            yield sample
+
+    return samples
+
+
 SOURCES = {  # source name -> writer of its samples
     "image_text": _image_text_samples,
     "text": _text_samples,
@@ -315,6 +337,7 @@ SOURCES = {  # source name -> writer of its samples
     "passkey": _document_samples(passkey_text, 4),
     "long": _document_samples(long_text, 8),
     **{name: _pair_samples(name) for name in PAIR_TYPES},
+    **{name: _rl_samples(name) for name in RL_SOURCES},
 }
 
 

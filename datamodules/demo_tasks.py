@@ -389,3 +389,27 @@ def preference_pair(
             raise ValueError(f"unknown pair type '{pair_type}'; valid: {', '.join(PAIR_TYPES)}")
         if item.key not in held_out and pair_split(item.key) == split and chosen != rejected:
             return item, chosen, rejected
+
+
+# ----------------------------------------------------------------------------- RL prompts
+
+# the demo's RL prompt sources: name -> the task (its reward route) whose items they ask
+RL_SOURCES = {"rl_arith": "demo_arith", "rl_count": "demo_count", "rl_open": "demo_open"}
+
+
+def rl_prompt(
+    source: str,
+    rng: random.Random,
+    makers: Dict[str, Callable[[random.Random], Item]],
+    held_out: FrozenSet[str],
+    split: str,
+) -> Item:
+    """An RL prompt's item of ``source``'s task: not a held-out evaluation item, its key of
+    ``split`` (:func:`pair_split`: the RL validation prompts never occur in training)."""
+    if source not in RL_SOURCES:
+        raise ValueError(f"unknown RL source '{source}'; valid: {', '.join(RL_SOURCES)}")
+    while True:
+        item = makers[RL_SOURCES[source]](rng)
+        if item.key not in held_out and pair_split(item.key) == split:
+            return item
+

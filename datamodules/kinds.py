@@ -324,12 +324,66 @@ def encode_preference(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: 
     return example
 
 
+def encode_rl_prompt(raw: Dict[str, Any], processor: BlueLMProcessor, seq_len: int) -> Example:
+    """``json`` with ``messages`` (ending with a user turn), ``task`` (its reward route) and an
+    optional ``answer`` string (what rule rewards check; a route that needs it refuses a prompt
+    without it at scoring) (+ images as in ``chat``) -> a prompt to sample completions for:
+    ``prompt_ids`` the generation prompt in each mode (``think``, ``no_think``), ``input_ids``
+    the longer of them (for the loader's bookkeeping; no LM targets), ``pixel_values``, and
+    ``prompt``: the ids by mode, ``messages``, ``answer``, ``task`` and the decoded ``images``. A prompt longer than ``seq_len`` is skipped
+    (``too_long``)."""
+    from lit_bluelm.chat import render_chat
+
+    meta = decode_json(raw)
+    messages = _json_field(meta, "messages", list)
+    _json_field(meta, "task", str)
+    answer = meta.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise SampleError("'answer' is a string", "bad_json")
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        raise SampleError("an RL prompt ends with a user message")
+    images = decode_images(raw, processor)
+    prompts = {}
+    try:
+        for mode in ("think", "no_think"):
+            text = render_chat(
+                messages,
+                enable_thinking=mode == "think",
+                think_position=processor.think_position,
+                add_generation_prompt=True,
+            )
+            prompts[mode] = processor.encode(text, images)
+    except ValueError as err:
+        raise SampleError(str(err)) from None
+    longest = max(prompts.values(), key=lambda e: len(e.input_ids))
+    if len(longest.input_ids) > seq_len:
+        raise TooLong(f"a prompt of {len(longest.input_ids)} tokens > data.seq_len={seq_len}")
+    example = _example(longest.input_ids, longest.pixel_values, meta, processor.image_token_id)
+    example["labels"].fill_(IGNORE_INDEX)  # completions are sampled, not read
+    example["prompt"] = {
+        "ids": {mode: list(e.input_ids) for mode, e in prompts.items()},
+        "messages": messages,
+        "answer": answer,
+        "task": meta["task"],
+        "images": images,  # as decoded: what a learned reward re-reads with its own processor
+    }
+    return example
+
+
 SAMPLE_KINDS: Dict[str, Callable[[Dict[str, Any], BlueLMProcessor, int], Example]] = {
     "text": encode_text,
     "image_text": encode_image_text,
     "chat": encode_chat,
     "cot": encode_cot,
     "preference": encode_preference,
+    "rl_prompt": encode_rl_prompt,
 }
-# kinds whose examples are (chosen, rejected) pairs: only an objective on pairs reads them
-PAIR_KINDS = ("preference",)
+# What an objective reads (``BlueLMModule.reads``): the kinds of each sample shape; a kind not
+# named here is a single sequence
+PAIR_KINDS = ("preference",)  # (chosen, rejected) pairs
+PROMPT_KINDS = ("rl_prompt",)  # prompts to sample completions for
+
+
+def sample_shape(kind: str) -> str:
+    """``pairs``, ``prompts`` or ``sequences``: what an example of ``kind`` is."""
+    return "pairs" if kind in PAIR_KINDS else "prompts" if kind in PROMPT_KINDS else "sequences"

@@ -222,9 +222,21 @@ class Generator:
     """Decodes batches of prompts with ``model`` (a :class:`~lit_bluelm.models.BlueLM`)."""
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer, max_length: Optional[int] = None, fast: bool = True
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_length: Optional[int] = None,
+        fast: bool = True,
+        lockstep: bool = False,
     ) -> None:
+        """``lockstep``: every rank of the process group decodes until the last row of every
+        rank has finished (a sharded model's forward is a collective: a rank that stopped early
+        would leave the others waiting); it needs ``fast=False`` (the direct decode step reads
+        whole weights)."""
+        if lockstep and fast:
+            raise ValueError("lockstep decoding runs the model's own forward: pass fast=False")
         self.model = model
+        self.lockstep = lockstep
         self.tokenizer = tokenizer
         llm_cfg = model.llm.config
         self.max_length = max_length or int(getattr(llm_cfg, "max_position_embeddings", 1 << 30))
@@ -291,7 +303,7 @@ class Generator:
         position_ids = positions
         next_pos = positions[:, -1:] + 1
         active = list(range(batch))
-        while active:
+        while True:  # until no row decodes (here, or in lockstep on any rank)
             if fast is not None and fast.length:
                 hidden = fast.step(inputs, position_ids, mask.bool())
             else:
@@ -321,7 +333,7 @@ class Generator:
                 if cfg.stop and row.finish is None:
                     self._check_stop_strings(row, cfg)
             active = [i for i in active if rows[i].finish is None]
-            if not active:
+            if not self._any_active(bool(active), device):
                 break
             step = torch.tensor(tokens_list, dtype=torch.long, device=device)[:, None]
             inputs = embed(step)
@@ -329,6 +341,14 @@ class Generator:
             position_ids = next_pos
             next_pos = next_pos + 1
         return [self._result(row) for row in rows]
+
+    def _any_active(self, local: bool, device: torch.device) -> bool:
+        """Whether a row is still decoding here or, in lockstep, on any rank."""
+        if not self.lockstep or not torch.distributed.is_initialized():
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _check_stop_strings(self, row: _Row, cfg: GenerationConfig) -> None:
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=False)

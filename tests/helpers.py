@@ -62,6 +62,16 @@ def reward_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
     return data + run_args(run_dir, "data.seq_len=256", *extra)
 
 
+def rl_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
+    """A fast tiny GRPO run on a demo folder's RL prompts (from random init): 2 prompts x 2
+    completions of at most 8 tokens a step, rules scored in one worker."""
+    from datamodules.demo_tasks import RL_SOURCES
+
+    data = ["stage=rl", *data_args(root, RL_SOURCES), "data.val_batch_size=2"]
+    rl = ["rl.num_generations=2", "rl.max_new_tokens=8", "rl.thinking_budget=4", "rl.val_samples=2"]
+    return data + rl + run_args(run_dir, "data.batch_size=2", "data.seq_len=192", "rewards.workers=1", *extra)
+
+
 def png_bytes(size=(224, 112), color=(0, 128, 255)) -> bytes:
     """A solid-colour PNG image file's bytes."""
     import io

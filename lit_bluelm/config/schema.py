@@ -11,8 +11,10 @@ from typing import Any, Dict, List, Optional
 
 from lit_bluelm.errors import choice
 from lit_bluelm.objectives.distill import DistillConfig
+from lit_bluelm.objectives.grpo import RLConfig
 from lit_bluelm.objectives.linear_loss import LossConfig
 from lit_bluelm.objectives.reward import RewardConfig
+from lit_bluelm.rewards.config import RewardsConfig
 
 DEFAULT_STAGE = "joint"
 DEFAULT_MODEL = "tiny"
@@ -241,6 +243,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -6,11 +6,13 @@ from lit_bluelm.modules.base import BlueLMModule
 from lit_bluelm.modules.distill import DistillModule
 from lit_bluelm.modules.next_token import NextTokenModule
 from lit_bluelm.modules.reward import RewardModule
+from lit_bluelm.modules.rl import RLModule
 
 STAGE_MODULES: Dict[str, Type[BlueLMModule]] = {
     "next_token": NextTokenModule,
     "distill": DistillModule,
     "reward": RewardModule,
+    "rl": RLModule,
 }
 
-__all__ = ["STAGE_MODULES", "BlueLMModule", "DistillModule", "NextTokenModule", "RewardModule"]
+__all__ = ["STAGE_MODULES", "BlueLMModule", "DistillModule", "NextTokenModule", "RewardModule", "RLModule"]

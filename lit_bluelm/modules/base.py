@@ -32,9 +32,9 @@ class BlueLMModule(L.LightningModule):
     summary_metrics: ClassVar[Dict[str, str]] = {"val_loss": "val/loss"}
     # logged metrics under this prefix go to summary.json as <first summary name>_after_by_source
     summary_by_source: ClassVar[Optional[str]] = None
-    # whether the objective reads (chosen, rejected) pairs (datamodules.kinds.PAIR_KINDS) rather
-    # than single sequences: a stage reads one or the other
-    reads_pairs: ClassVar[bool] = False
+    # what the objective reads (datamodules.kinds.sample_shape): single "sequences", (chosen,
+    # rejected) "pairs" or "prompts" to sample from; every source of a stage is of that shape
+    reads: ClassVar[str] = "sequences"
 
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__()
@@ -47,15 +47,16 @@ class BlueLMModule(L.LightningModule):
     def check(cls, cfg: DictConfig, tokenizer: Any) -> None:
         """Start-up checks of what this objective needs from the tokenizer and its sources
         (after the config's own checks, before any data or model work). Here: every source
-        is of the sample shape the objective reads (pairs or single sequences)."""
-        from datamodules.kinds import PAIR_KINDS
+        is of the sample shape the objective reads (:attr:`reads`)."""
+        from datamodules.kinds import SAMPLE_KINDS, sample_shape
 
         for name, src in cfg.data.sources.items():
-            if (src.kind in PAIR_KINDS) != cls.reads_pairs:
-                wanted = (
-                    "pairs of the kinds " + ", ".join(PAIR_KINDS) if cls.reads_pairs else "single sequences"
+            if src.kind in SAMPLE_KINDS and sample_shape(src.kind) != cls.reads:
+                kinds = sorted(k for k in SAMPLE_KINDS if sample_shape(k) == cls.reads)
+                raise ConfigError(
+                    f"module={cfg.module} reads {cls.reads} (kinds {', '.join(kinds)}): "
+                    f"data.sources.{name} is {src.kind}"
                 )
-                raise ConfigError(f"module={cfg.module} reads {wanted}: data.sources.{name} is {src.kind}")
 
     # ------------------------------------------------------------------ model
 

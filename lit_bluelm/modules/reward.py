@@ -34,7 +34,7 @@ class RewardModule(BlueLMModule):
         "val_pairs": "val/pairs",
     }
     summary_by_source: ClassVar[Optional[str]] = "val/accuracy/"
-    reads_pairs: ClassVar[bool] = True
+    reads: ClassVar[str] = "pairs"
 
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__(cfg)

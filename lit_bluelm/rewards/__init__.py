@@ -1,6 +1,20 @@
-"""Rewards: the learned reward model served as a batched scorer (:class:`RewardModel`); GRPO's
-reward registry and router will live here too."""
+"""Rewards: the learned reward model served as a batched scorer (:class:`RewardModel`), the rule
+rewards (:mod:`lit_bluelm.rewards.rules`) and the router that sends each sample to its task's
+functions (:class:`RewardRouter`). Imported lazily: the config schema reads
+``lit_bluelm.rewards.config`` without loading models."""
 
-from lit_bluelm.rewards.model import RewardModel
+from typing import Any
 
-__all__ = ["RewardModel"]
+__all__ = ["RewardModel", "RewardRouter"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RewardModel":
+        from lit_bluelm.rewards.model import RewardModel
+
+        return RewardModel
+    if name == "RewardRouter":
+        from lit_bluelm.rewards.router import RewardRouter
+
+        return RewardRouter
+    raise AttributeError(name)
