@@ -62,7 +62,11 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     assert f"init_from: {runs}/long_context/checkpoints/last.ckpt" in sft_config
     assert "rope_type: yarn" in sft_config  # inherited from the long-context checkpoint
     assert f"init_from: {runs}/sft/checkpoints/last.ckpt" in (runs / "reward" / "config.yaml").read_text()
-    assert summaries["reward"]["val_accuracy_after_by_source"].keys() == {"pref_think", "pref_topic", "pref_color"}
+    assert summaries["reward"]["val_accuracy_after_by_source"].keys() == {
+        "pref_think",
+        "pref_topic",
+        "pref_color",
+    }
     long = summaries["long_context"]
     assert (
         long["val_loss_long_after"] > 0

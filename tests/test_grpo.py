@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from lit_bluelm.errors import ConfigError
-from lit_bluelm.objectives.grpo import group_advantages, stat_means, surrogate_fn, token_mean
+from lit_bluelm.objectives.grpo import (
+    RewardsConfig,
+    Route,
+    group_advantages,
+    stat_means,
+    surrogate_fn,
+    token_mean,
+)
 from lit_bluelm.objectives.token_logprobs import per_token_loss
-from lit_bluelm.rewards.config import RewardsConfig, Route
-from lit_bluelm.rewards.router import RewardRouter
+from lit_bluelm.rewards.router import RewardRouter, check_names
 from lit_bluelm.rewards.rules import RULES, Sample, rule, think_format
 
 NAN = float("nan")
@@ -245,7 +251,9 @@ def test_bad_routes_are_one_line_config_errors():
     from lit_bluelm.config import load_config
 
     with pytest.raises(ConfigError, match=r"rewards.routes.demo_arith\[0\].fn: unknown reward 'nope'"):
-        load_config(["stage=rl", "rewards.routes.demo_arith=[{fn: nope}]"])
+        check_names(load_config(["stage=rl", "rewards.routes.demo_arith=[{fn: nope}]"]).rewards.routes)
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        load_config(["stage=rl", "rewards.routes.demo_arith=[{fn: numeric, weight: 0.0}]"])
     with pytest.raises(ConfigError, match="rewards.routes use reward_model: set rewards.model"):
         load_config(["stage=rl", "rewards.routes.demo_open=[{fn: reward_model}]"])
     with pytest.raises(ConfigError, match="rl.num_generations must be >= 2"):

@@ -38,9 +38,14 @@ def _quiet_step(fn, *args):
 
 
 def test_stage_modules_are_registered():
-    from lit_bluelm.modules import RewardModule
+    from lit_bluelm.modules import RewardModule, RLModule
 
-    assert STAGE_MODULES == {"next_token": NextTokenModule, "distill": DistillModule, "reward": RewardModule}
+    assert STAGE_MODULES == {
+        "next_token": NextTokenModule,
+        "distill": DistillModule,
+        "reward": RewardModule,
+        "rl": RLModule,
+    }
     for cls in (NextTokenModule, DistillModule):
         assert cls.best_metric == "val/loss" and cls.best_mode == "min"
     assert (RewardModule.best_metric, RewardModule.best_mode) == ("val/accuracy", "max")

@@ -11,10 +11,9 @@ from typing import Any, Dict, List, Optional
 
 from lit_bluelm.errors import choice
 from lit_bluelm.objectives.distill import DistillConfig
-from lit_bluelm.objectives.grpo import RLConfig
+from lit_bluelm.objectives.grpo import RewardsConfig, RLConfig
 from lit_bluelm.objectives.linear_loss import LossConfig
 from lit_bluelm.objectives.reward import RewardConfig
-from lit_bluelm.rewards.config import RewardsConfig
 
 DEFAULT_STAGE = "joint"
 DEFAULT_MODEL = "tiny"

@@ -106,8 +106,10 @@ class RLModule(BlueLMModule):
             )
         if cfg.rl.beta > 0 and not (cfg.rl.reference or cfg.init_from):
             raise ConfigError("rl.beta > 0 needs a reference policy: set rl.reference or init_from")
-        from lit_bluelm.rewards.config import uses_learned
+        from lit_bluelm.objectives.grpo import uses_learned
+        from lit_bluelm.rewards.router import check_names
 
+        check_names(cfg.rewards.routes)
         if uses_learned(cfg.rewards.routes):
             _reward_model(cfg, tokenizer, "cpu")  # refuses another tokenizer or chat template now
 
@@ -119,7 +121,7 @@ class RLModule(BlueLMModule):
 
     def _build_router(self) -> Any:
         if self._router is None:
-            from lit_bluelm.rewards.config import uses_learned
+            from lit_bluelm.objectives.grpo import uses_learned
             from lit_bluelm.rewards.router import RewardRouter
 
             learned = None
@@ -267,7 +269,9 @@ class RLModule(BlueLMModule):
                 ref = reference(
                     input_ids,
                     pixel_values=pixel_values,
-                    head_fn=lambda h, head: token_logprobs(h[row_t, col_t], head, targets_t, rl.temperature).logprobs,
+                    head_fn=lambda h, head: (
+                        token_logprobs(h[row_t, col_t], head, targets_t, rl.temperature).logprobs
+                    ),
                 )
         fn = surrogate_fn(None, adv_t, weights_t, rl.epsilon_low, rl.epsilon_high, rl.beta, ref)
         tokens = float(weights_t.sum())
@@ -321,8 +325,12 @@ class RLModule(BlueLMModule):
         self.log("reward/zero_std_frac", adv.flat.float().mean(), batch_size=n)
         self.log("reward/unscored", float((~adv.scored).sum()), batch_size=n, reduce_fx="sum")
         for name in scores.by_fn:
-            self.log(f"reward/failures/{name}", float(scores.failures.get(name, 0)), batch_size=n, reduce_fx="sum")
-            self.log(f"reward/timeouts/{name}", float(scores.timeouts.get(name, 0)), batch_size=n, reduce_fx="sum")
+            self.log(
+                f"reward/failures/{name}", float(scores.failures.get(name, 0)), batch_size=n, reduce_fx="sum"
+            )
+            self.log(
+                f"reward/timeouts/{name}", float(scores.timeouts.get(name, 0)), batch_size=n, reduce_fx="sum"
+            )
         gens = rollout.generations
         lengths = [len(g.token_ids) for g in gens]
         thinking = [g.thinking_tokens for g in gens]

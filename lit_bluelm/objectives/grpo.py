@@ -1,4 +1,5 @@
-"""GRPO's objective: the ``rl`` config section's loss options, group-normalised advantages and
+"""GRPO's objective: the ``rl`` config section (the loss and the rollouts) and the ``rewards``
+section (the routes; served by :mod:`lit_bluelm.rewards.router`), group-normalised advantages and
 the clipped surrogate with an optional k3 KL to a reference policy, as a per-token function for
 :func:`~lit_bluelm.objectives.token_logprobs.per_token_loss` (no full logits).
 
@@ -26,8 +27,9 @@ batch (tokens the budget forced and left-out samples are not counted).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -90,6 +92,47 @@ class RLConfig:
         bad = [m for m in rl.think if m not in ("think", "no_think")]
         if bad or not rl.think:
             raise ConfigError(f"rl.think: a list of think | no_think, got {list(rl.think)}")
+
+
+LEARNED = "reward_model"  # the route name of the learned reward
+
+
+@dataclass
+class Route:
+    fn: str
+    weight: float = 1.0
+
+
+@dataclass
+class RewardsConfig:
+    """The ``rewards`` section (``module: rl``; :mod:`lit_bluelm.rewards.router` documents it)."""
+
+    # {task: [{fn, weight}, ...]}: the functions that score a task's samples
+    routes: Dict[str, List[Route]] = field(default_factory=dict)
+    model: Optional[str] = None  # the reward run (or checkpoint) of fn: reward_model
+    workers: int = 2  # rule-scoring worker processes (0: score in this process, no limit)
+    timeout_s: float = 10.0  # wall-clock limit of one rule call in a worker
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        rewards = cfg.rewards
+        at_least(cfg, "rewards.workers", 0)
+        if not rewards.timeout_s > 0:
+            raise ConfigError(f"rewards.timeout_s must be > 0, got {rewards.timeout_s}")
+        for task, routes in rewards.routes.items():
+            if not routes:
+                raise ConfigError(f"rewards.routes.{task}: no reward functions")
+            for i, route in enumerate(routes):  # the names: lit_bluelm.rewards.router.check_names
+                if not (math.isfinite(route.weight) and route.weight >= 0):
+                    raise ConfigError(f"rewards.routes.{task}[{i}].weight must be >= 0, got {route.weight}")
+            if all(route.weight == 0 for route in routes):
+                raise ConfigError(f"rewards.routes.{task}: every weight is 0 (nothing would be rewarded)")
+        if uses_learned(rewards.routes) and not rewards.model:
+            raise ConfigError("rewards.routes use reward_model: set rewards.model to a reward run")
+
+
+def uses_learned(routes: Any) -> bool:
+    return any(route.fn == LEARNED for task_routes in routes.values() for route in task_routes)
 
 
 class Advantages(NamedTuple):

@@ -1,7 +1,7 @@
 """Rewards: the learned reward model served as a batched scorer (:class:`RewardModel`), the rule
 rewards (:mod:`lit_bluelm.rewards.rules`) and the router that sends each sample to its task's
-functions (:class:`RewardRouter`). Imported lazily: the config schema reads
-``lit_bluelm.rewards.config`` without loading models."""
+functions (:class:`RewardRouter`). The two are imported on first use, so the router's worker
+processes import the rules without loading models."""
 
 from typing import Any
 

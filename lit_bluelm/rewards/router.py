@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lit_bluelm.errors import ConfigError
-from lit_bluelm.rewards.config import RewardsConfig, Route, uses_learned
+from lit_bluelm.objectives.grpo import RewardsConfig, Route, uses_learned
 from lit_bluelm.rewards.rules import LEARNED, RULES, Sample
 
 __all__ = ["RewardRouter", "RewardsConfig", "Route", "Scores", "uses_learned"]
@@ -72,6 +72,18 @@ def _call(fn: Any, sample: Sample) -> Tuple[str, Any]:
         return "error", f"{type(err).__name__}: {err} ({last.filename}:{last.lineno})"[:300]
 
 
+def check_names(routes: Any) -> None:
+    """Every routed function is registered (a rule, or ``reward_model``): one line naming the
+    key otherwise (start-up of ``module: rl``; rules register when their module is imported)."""
+    names = sorted(RULES) + [LEARNED]
+    for task, task_routes in routes.items():
+        for i, route in enumerate(task_routes):
+            if route.fn not in names:
+                raise ConfigError(
+                    f"rewards.routes.{task}[{i}].fn: unknown reward '{route.fn}'; valid: {', '.join(names)}"
+                )
+
+
 class RewardRouter:
     """Scores samples by their task's routes; ``learned`` is a callable (samples -> rewards)
     for ``reward_model`` (built from ``rewards.model`` by the caller, who knows the device)."""
@@ -84,6 +96,7 @@ class RewardRouter:
             task: [r if isinstance(r, Route) else Route(**dict(r)) for r in routes]
             for task, routes in cfg.routes.items()
         }
+        check_names(self.routes)
         self.learned = learned
         self._pool: Any = None
 

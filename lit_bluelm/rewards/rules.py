@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from lit_bluelm.chat import split_reply
-from lit_bluelm.rewards.config import LEARNED
+from lit_bluelm.objectives.grpo import LEARNED
 from lit_bluelm.tokenizer import THINK_END, THINK_START
 
 
