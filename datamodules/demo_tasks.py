@@ -412,4 +412,3 @@ def rl_prompt(
         item = makers[RL_SOURCES[source]](rng)
         if item.key not in held_out and pair_split(item.key) == split:
             return item
-

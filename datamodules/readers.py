@@ -98,6 +98,26 @@ def _samples(url: str, handler: Callable[[BaseException], bool]) -> Iterator[Dic
     return wds.tarfile_samples([{"url": url}], handler=handler)
 
 
+def peek_meta(url: str, n: int) -> List[Dict[str, Any]]:
+    """The ``json`` members of a shard's first ``n`` samples, decoded (a start-up check reads
+    what a source's samples declare; one that does not decode is left out: the reader counts it
+    when training meets it)."""
+    from datamodules.kinds import SampleError, decode_json
+
+    def stop(err: BaseException) -> bool:
+        return False  # an unreadable shard ends the peek; the reader reports it
+
+    out: List[Dict[str, Any]] = []
+    for raw in _samples(url, stop):
+        try:
+            out.append(decode_json(raw))
+        except SampleError:
+            pass
+        if len(out) >= n:
+            break
+    return out
+
+
 class SourceReader:
     """Encoded examples of one source for one reader, endlessly (training reshuffles each epoch)."""
 

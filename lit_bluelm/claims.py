@@ -31,6 +31,11 @@ REWARD = "reward"
 REWARD_ACCURACY = 0.90  # held-out pairs ranked right, all types together
 REWARD_PER_TYPE = 0.80  # ... and of each pair type (source)
 REWARD_PAIRS = 300  # held-out pairs the accuracy is measured on, at least
+RL = "rl"
+RL_GAIN = (0.03, 2.0)  # think demo_arith sampled pass@1: after >= before + max(0.03, 2 stderr)
+RL_KEEP = 1.0  # greedy think@128 of every task: after >= before - 1 stderr of the difference
+# the evaluations of the RL checkpoint and their SFT baselines (Evidence.evals keys)
+EVAL_RL, EVAL_SFT_SAMPLED, EVAL_RL_SAMPLED = "eval_rl", "eval_sft_sampled", "eval_rl_sampled"
 LONG = "long_context"
 SHORT = "long_context_short"  # the long-context model on the reasoning stage's validation sources
 
@@ -51,10 +56,16 @@ class Evidence:
     rows: List[Row] = field(default_factory=list)
     # the passkey evaluation "before" (the reasoning checkpoint) and "after" (the long-context one)
     passkey: Dict[str, List[PasskeyRow]] = field(default_factory=dict)
+    # more evaluations' rows by name (the RL checkpoint's, and the sampled SFT baseline)
+    evals: Dict[str, List[Row]] = field(default_factory=dict)
 
-    def row(self, task: str, mode: str, budget: Optional[int] = None) -> Optional[Row]:
+    def row(
+        self, task: str, mode: str, budget: Optional[int] = None, rows: Optional[Sequence[Row]] = None
+    ) -> Optional[Row]:
+        """The row of (task, mode, budget) in the SFT evaluation, or in ``rows``."""
         budget = None if mode == "no_think" else budget
-        return next((r for r in self.rows if (r.task, r.mode, r.budget) == (task, mode, budget)), None)
+        found = self.rows if rows is None else rows
+        return next((r for r in found if (r.task, r.mode, r.budget) == (task, mode, budget)), None)
 
 
 def _at_least(name: str, value: float, threshold: float) -> Claim:
@@ -189,6 +200,47 @@ def reward_pairs(ev: Evidence) -> Optional[Claim]:
     return _at_least(f"{REWARD}: held-out pairs measured", summary["val_pairs_after"], REWARD_PAIRS)
 
 
+def rl_sampled_gain(ev: Evidence) -> Optional[Claim]:
+    """Think-mode ``demo_arith`` sampled pass@1 of the RL checkpoint over the SFT one's, less the
+    margin it must clear (``max(0.03, 2 stderr of the difference)``): >= 0 to hold."""
+    before = ev.row(ARITH, "think", TOP, ev.evals.get(EVAL_SFT_SAMPLED, []))
+    after = ev.row(ARITH, "think", TOP, ev.evals.get(EVAL_RL_SAMPLED, []))
+    if before is None or after is None:
+        return None
+    low, sigmas = RL_GAIN
+    margin = max(low, sigmas * math.hypot(before.stderr, after.stderr))
+    name = f"{RL}: {ARITH} think sampled pass@1 gain - max({low:g}, {sigmas:g} stderr)"
+    return _at_least(name, after.accuracy - before.accuracy - margin, 0)
+
+
+def rl_keeps_greedy(ev: Evidence) -> Optional[Claim]:
+    """Greedy think@128 of the RL checkpoint against the SFT one's on every task, plus one
+    stderr of the difference: the worst task's (>= 0 to hold)."""
+    after_rows = ev.evals.get(EVAL_RL, [])
+    slack = []
+    for r in after_rows:
+        if r.mode != "think" or r.budget != TOP:
+            continue
+        before = ev.row(r.task, "think", TOP)
+        if before is not None:
+            slack.append(r.accuracy - before.accuracy + RL_KEEP * math.hypot(r.stderr, before.stderr))
+    if not slack:
+        return None
+    return _at_least(f"{RL}: greedy think@{TOP} - SFT's + {RL_KEEP:g} stderr, worst task", min(slack), 0)
+
+
+def rl_rewards_rise(ev: Evidence) -> Optional[Claim]:
+    """Each route's (task's) mean training reward over the last tenth of the steps minus its mean
+    over the first tenth: the smallest (> 0 to hold)."""
+    summary = ev.summaries.get(RL) or {}
+    first, last = summary.get("reward_first_by_task") or {}, summary.get("reward_last_by_task") or {}
+    common = [t for t in first if t in last]
+    if not common:
+        return None
+    worst = min(last[t] - first[t] for t in common)
+    return Claim(f"{RL}: each route's reward, last tenth of steps - first", "> 0", worst, worst > 0)
+
+
 # (claim, how it is judged over seeds: "every" seed or the seeds' "mean")
 CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (distilled_beats_scratch, "every"),
@@ -203,6 +255,9 @@ CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (reward_accuracy, "every"),
     (reward_per_type, "every"),
     (reward_pairs, "every"),
+    (rl_sampled_gain, "every"),
+    (rl_keeps_greedy, "every"),
+    (rl_rewards_rise, "every"),
 )
 
 

@@ -75,6 +75,17 @@ STAGES: Tuple[Stage, ...] = (
     Stage("sft", ("stage=sft", f"init_from={_last('long_context')}")),
     # the reward model: the SFT model with a scalar head, on held-out preference pairs
     Stage("reward", ("stage=reward", f"init_from={_last('sft')}")),
+    # GRPO from the SFT checkpoint; the open questions scored by the reward model, exact match
+    # logged beside it (weight 0)
+    Stage(
+        "rl",
+        (
+            "stage=rl",
+            f"init_from={_last('sft')}",
+            "rewards.model={runs}/reward",
+            "rewards.routes.demo_open=[{{fn: reward_model, weight: 1.0}}, {{fn: exact, weight: 0.0}}]",
+        ),
+    ),
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
 TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the ones after them
@@ -89,19 +100,35 @@ PASSKEY = {
     "passkey_before": ("reasoning", ("extrapolate=true", PASSKEY_FACTORS)),
     "passkey_after": ("long_context", (PASSKEY_FACTORS,)),
 }
-EVALS = (EVAL, *PASSKEY)  # --from any of them reruns them all (a minute)
+# the RL checkpoint evaluated like the SFT one (greedy), and both sampled (T=1, 4 samples) on
+# think-mode demo_arith at the largest budget: <runs>/<name>
+RL_EVALS = {
+    "eval_rl": ("rl", ()),
+    "eval_sft_sampled": (
+        "sft",
+        ("tasks=[demo_arith]", "modes=[think]", "budgets=[128]", "samples=4", "temperature=1.0"),
+    ),
+    "eval_rl_sampled": (
+        "rl",
+        ("tasks=[demo_arith]", "modes=[think]", "budgets=[128]", "samples=4", "temperature=1.0"),
+    ),
+}
+EVALS = (EVAL, *PASSKEY, *RL_EVALS)  # --from any of them reruns them all (two minutes)
 PASSKEY_SETTINGS: Tuple[str, ...] = ()  # more evaluate arguments (none: the task's lengths, depths, trials)
 DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
 
 
-def eval_argv(runs: str, demo_dir: str) -> List[str]:
-    """The ``python -m lit_bluelm.evaluate`` arguments of the demo's evaluation."""
+def eval_argv(runs: str, demo_dir: str, name: str = EVAL) -> List[str]:
+    """The ``python -m lit_bluelm.evaluate`` arguments of the demo's evaluation ``name`` (the SFT
+    checkpoint's, or one of :data:`RL_EVALS`); the last value of a key counts."""
+    stage, settings = RL_EVALS.get(name, ("sft", ()))
     return [
-        f"ckpt={runs}/sft/checkpoints/last.ckpt",
-        f"out={runs}/{EVAL}",
+        f"ckpt={runs}/{stage}/checkpoints/last.ckpt",
+        f"out={runs}/{name}",
         f"demo_dir={demo_dir}",
         f"budgets=[{','.join(map(str, EVAL_BUDGETS))}]",
         "batch_size=150",
+        *settings,
     ]
 
 
@@ -130,10 +157,10 @@ def run_eval(runs: str, demo_dir: str) -> list:
     return _evaluate(eval_argv(runs, demo_dir))
 
 
-def run_evals(runs: str, demo_dir: str, seconds: Dict[str, float]) -> Tuple[list, dict]:
-    """The demo's evaluations (:data:`EVALS`): the SFT rows and the passkey rows by "before" /
-    "after"; the time of each goes into ``seconds``."""
-    passkey = {}
+def run_evals(runs: str, demo_dir: str, seconds: Dict[str, float]) -> Tuple[list, dict, dict]:
+    """The demo's evaluations (:data:`EVALS`): the SFT rows, the passkey rows by "before" /
+    "after" and the rows of :data:`RL_EVALS` by name; the time of each goes into ``seconds``."""
+    passkey, evals = {}, {}
     began = time.time()
     rows = run_eval(runs, demo_dir)
     seconds[EVAL] = time.time() - began
@@ -141,9 +168,13 @@ def run_evals(runs: str, demo_dir: str, seconds: Dict[str, float]) -> Tuple[list
         began = time.time()
         passkey[name.split("_", 1)[1]] = _evaluate(passkey_argv(runs, name))
         seconds[name] = time.time() - began
+    for name in RL_EVALS:
+        began = time.time()
+        evals[name] = _evaluate(eval_argv(runs, demo_dir, name))
+        seconds[name] = time.time() - began
     for name in EVALS:
         print(f"{name}: {seconds[name]:.0f}s", flush=True)
-    return rows, passkey
+    return rows, passkey, evals
 
 
 def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = (), base: Optional[str] = None) -> List[str]:
@@ -206,10 +237,11 @@ def run_stages(stages: Sequence[Stage], runs: str, extra: Sequence[str], base: O
     return seconds, 0
 
 
-def evidence(runs: str, stages: Sequence[Stage], rows: list, passkey: dict) -> Evidence:
+def evidence(runs: str, stages: Sequence[Stage], rows: list, passkey: dict, evals: dict) -> Evidence:
     from lit_bluelm.summary import load_summary
 
-    return Evidence({s.name: load_summary(f"{runs}/{s.name}") for s in stages}, list(rows), dict(passkey))
+    summaries = {s.name: load_summary(f"{runs}/{s.name}") for s in stages}
+    return Evidence(summaries, list(rows), dict(passkey), dict(evals))
 
 
 def report_claims(claims: Sequence[Claim], rows: list) -> None:
@@ -229,11 +261,11 @@ def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> 
     seconds.update(ran)
     if code:
         return code
-    rows, passkey = run_evals(runs, demo_dir, seconds)
+    rows, passkey, evals = run_evals(runs, demo_dir, seconds)
     print()
     print_table([f"{runs}/{s.name}" for s in STAGES])
     check_better(*(f"{runs}/{name}" for name in BETTER))
-    claims = judge(evidence(runs, STAGES, rows, passkey))
+    claims = judge(evidence(runs, STAGES, rows, passkey, evals))
     report_claims(claims, rows)
     record = {
         **stamp(),
@@ -241,6 +273,7 @@ def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> 
         "runs": [f"{runs}/{s.name}" for s in STAGES],
         "eval": f"{runs}/{EVAL}",
         "passkey": {name: f"{runs}/{name}" for name in PASSKEY},
+        "evals": {name: f"{runs}/{name}" for name in RL_EVALS},
         "seconds": {name: round(sec, 1) for name, sec in seconds.items()},
         "claims": [asdict(c) for c in claims],
     }

@@ -20,7 +20,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.summary import write_json
@@ -160,15 +160,24 @@ def settings_grid(modes: Sequence[str], budgets: Sequence[Optional[int]]) -> Lis
 
 
 def summarize(task: str, mode: str, budget: Optional[int], outcomes: List[dict]) -> Row:
+    """A row from outcomes; with several samples of an item (outcomes with the same ``item``)
+    the stderr is that of the mean over items of each item's mean (samples of one item are not
+    independent draws); with one sample an item it is sqrt(p (1 - p) / n)."""
     n = len(outcomes)
     correct = [o["correct"] for o in outcomes]
     acc = sum(correct) / n
+    by_item: Dict[Any, List[float]] = {}
+    for i, o in enumerate(outcomes):
+        by_item.setdefault(o.get("item", i), []).append(float(o["correct"]))
+    means = [sum(v) / len(v) for v in by_item.values()]
+    items = len(means)
+    variance = sum((m - acc) ** 2 for m in means) / items  # the population variance of item means
     return Row(
         task=task,
         mode=mode,
         budget=budget,
         accuracy=acc,
-        stderr=math.sqrt(acc * (1 - acc) / n) if n > 1 else 0.0,
+        stderr=math.sqrt(variance / items) if items > 1 else 0.0,
         n=n,
         mean_thinking_tokens=sum(o["thinking_tokens"] for o in outcomes) / n,
         think_open_rate=sum(o["opened"] for o in outcomes) / n,
@@ -199,9 +208,12 @@ def evaluate_task(
         run_cfg = replace(cfg, thinking_budget=budget, seed=cfg.seed + k)
         for start in range(0, len(prompts), batch_size):
             batch = generator.generate(prompts[start : start + batch_size], run_cfg)
-            for item, out in zip(task.items[start : start + batch_size], batch, strict=True):
+            for index, (item, out) in enumerate(
+                zip(task.items[start : start + batch_size], batch, strict=True)
+            ):
                 outcomes.append(
                     {
+                        "item": start + index,
                         "correct": score(item.metric, out.answer, item.answer),
                         "thinking_tokens": out.thinking_tokens,
                         "opened": out.thinking is not None,

@@ -31,7 +31,12 @@ SEEDS_JSON = "seeds.json"
 REPORT_MD = "report.md"
 PASSKEY_TITLES = {
     "passkey_before": "before the context switch (the reasoning checkpoint, beyond its context up to 4x)",
-    "passkey_after": "after it (the long-context checkpoint)",
+    "passkey_after": "after it (the long-context checkpoint, up to 4x)",
+}
+EVAL_TITLES = {
+    "eval_rl": "the RL checkpoint, greedy like the SFT evaluation",
+    "eval_sft_sampled": "the SFT checkpoint, sampled (T=1, 4 samples an item)",
+    "eval_rl_sampled": "the RL checkpoint, sampled (T=1, 4 samples an item)",
 }
 
 
@@ -117,6 +122,11 @@ def render(runs: str | Path) -> str:
                 "",
                 *_code(needle.table(rows)),
             ]
+    for name, folder in record.get("evals", {}).items():  # reports before the RL stage have none
+        results = Path(folder) / "results.json"
+        if results.is_file():
+            rows, _ = read_results(results)
+            lines += [f"Evaluation of {EVAL_TITLES.get(name, name)} (`{folder}`):", "", *_code(table(rows))]
     lines += ["Claims:", "", *_code(claims_block([Claim(**c) for c in record["claims"]]))]
     times = record["seconds"]
     total = sum(times.values())

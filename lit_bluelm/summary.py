@@ -35,9 +35,10 @@ def write_summary(run_dir: str | Path, record: Dict[str, Any]) -> Path:
 
 
 def print_summary(summary: Dict[str, Any]) -> None:
-    """The closing ``key=value`` lines of a run (floats to 4 places; unset values left out)."""
+    """The closing ``key=value`` lines of a run (floats to 4 places; unset values and mappings,
+    which summary.json holds, left out)."""
     for key, value in summary.items():
-        if value is not None:
+        if value is not None and not isinstance(value, dict):
             print(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}", flush=True)
 
 

@@ -230,6 +230,8 @@ def _fit_stage(cfg: DictConfig) -> Dict[str, Any]:
     }
     if error is not None:
         summary["error"] = error
+    if module is not None and status == "ok" and cfg.trainer.max_steps > 0:
+        summary |= module.summary_extra()
     if trainer is None or trainer.is_global_zero:
         by_source = {}
         if module is not None and module.summary_by_source and status == "ok":

@@ -34,7 +34,21 @@ SUMMARIES = {
         "val_accuracy_after_by_source": {"pref_think": 0.85, "pref_topic": 1.0, "pref_color": 0.94},
         "val_pairs_after": 320.0,
     },
+    "rl": {
+        "reward_first_by_task": {"demo_arith": 0.5, "demo_count": 0.6, "demo_open": 0.1},
+        "reward_last_by_task": {"demo_arith": 0.7, "demo_count": 0.65, "demo_open": 0.3},
+    },
 }
+
+
+def rl_evals(sampled=(0.6, 0.7), greedy=None):
+    """The RL evaluations: greedy rows (the SFT ones unless given) and the sampled arith rows."""
+    arith = lambda acc: [row("demo_arith", "think", 128, acc)]  # noqa: E731
+    return {
+        "eval_rl": rows() if greedy is None else greedy,
+        "eval_sft_sampled": arith(sampled[0]),
+        "eval_rl_sampled": arith(sampled[1]),
+    }
 
 
 def passkey(at_1x=(0.9, 0.9), at_4x=(0.0, 0.3)):
@@ -54,7 +68,7 @@ def by_name(found):
 
 
 def test_every_claim_on_a_run_that_meets_them():
-    found = by_name(judge(Evidence(SUMMARIES, rows(), passkey())))
+    found = by_name(judge(Evidence(SUMMARIES, rows(), passkey(), rl_evals())))
     assert len(found) == len(claims.CLAIMS) and all(c.met for c in found.values())
     assert found["passkey at 4x context: after - before"].value == pytest.approx(0.3)
     assert found["passkey at 1x context: after - before"].value == pytest.approx(0.0)
@@ -66,6 +80,12 @@ def test_every_claim_on_a_run_that_meets_them():
     assert found["reward: held-out pair accuracy"].value == pytest.approx(0.93)
     assert found["reward: worst pair type's accuracy"].value == pytest.approx(0.85)
     assert found["reward: held-out pairs measured"].value == 320
+    # 0.1 over the SFT checkpoint, less max(0.03, 2 hypot(0.02, 0.02))
+    gain = found["rl: demo_arith think sampled pass@1 gain - max(0.03, 2 stderr)"]
+    assert gain.value == pytest.approx(0.1 - 2 * 0.02 * 2**0.5)
+    keep = found["rl: greedy think@128 - SFT's + 1 stderr, worst task"]
+    assert keep.value == pytest.approx(0.02 * 2**0.5)  # the same rows: 0 + 1 stderr
+    assert found["rl: each route's reward, last tenth of steps - first"].value == pytest.approx(0.05)
     # the smallest rise is 0 -> 8: 0.01 + hypot(0.02, 0.02)
     monotone = found["demo_arith: accuracy rises with budget 0/8/32/128 (1 stderr)"]
     assert monotone.value == pytest.approx(0.01 + 0.02 * 2**0.5)
@@ -104,6 +124,17 @@ def test_each_claim_is_missed_on_its_own_failure():
     assert missed(Evidence(one_type)) == {"reward: worst pair type's accuracy"}
     few = {"reward": {**reward, "val_pairs_after": 299.0}}
     assert missed(Evidence(few)) == {"reward: held-out pairs measured"}
+    small_gain = rl_evals(sampled=(0.6, 0.65))  # 0.05 < 2 stderr of the difference (0.057)
+    assert missed(Evidence(rows=rows(), evals=small_gain)) == {
+        "rl: demo_arith think sampled pass@1 gain - max(0.03, 2 stderr)"
+    }
+    worse = rows()
+    worse[3] = row("demo_arith", "think", 128, 0.54)  # 0.06 below SFT's, 1 stderr is 0.028
+    assert missed(Evidence(rows=rows(), evals=rl_evals(greedy=worse))) == {
+        "rl: greedy think@128 - SFT's + 1 stderr, worst task"
+    }
+    flat = {"rl": {**SUMMARIES["rl"], "reward_last_by_task": {"demo_arith": 0.7, "demo_open": 0.1}}}
+    assert missed(Evidence(flat)) == {"rl: each route's reward, last tenth of steps - first"}
 
 
 def test_claims_without_evidence_are_left_out():

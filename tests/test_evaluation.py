@@ -89,6 +89,9 @@ def test_rows_the_json_schema_and_the_plot(tmp_path):
     assert abs(row.stderr - (0.75 * 0.25 / 4) ** 0.5) < 1e-12
     assert row.think_open_rate == 0.75 and row.within_budget == 0.75
     assert summarize("demo_arith", "no_think", None, outcomes).within_budget == 1.0
+    # two samples of each of two items: item means 0.5 and 1.0, the stderr of their mean
+    sampled = [{**o, "item": i % 2} for i, o in enumerate(outcomes)]
+    assert abs(summarize("demo_arith", "think", 8, sampled).stderr - (0.0625 / 2) ** 0.5) < 1e-12
     assert settings_grid(["think", "no_think"], [0, None]) == [
         ("think", 0),
         ("think", None),

@@ -207,8 +207,8 @@ def test_each_sample_goes_to_its_tasks_functions_and_no_score_is_left_out():
     assert scores.rewards[3] == pytest.approx(1.0)  # only think_format applied
     only_numeric = _router({"arith": [{"fn": "numeric", "weight": 1.0}]})
     assert math.isnan(only_numeric.score([samples[3]]).rewards[0])  # no score at all: NaN
-    with pytest.raises(ConfigError, match="task 'count' has no route"):
-        only_numeric.score([_sample("count", "3")])
+    unrouted = only_numeric.score([_sample("count", "3")])
+    assert math.isnan(unrouted.rewards[0]) and unrouted.unrouted == 1
 
 
 def test_think_format_accepts_a_prefilled_think_and_checks_each_mode():

@@ -10,7 +10,9 @@ import train
 from datamodules.collate import Collator
 from datamodules.kinds import SampleError, encode_rl_prompt
 from lit_bluelm.config import load_config
-from tests.helpers import png_bytes, rl_args, scalars
+from tests.helpers import png_bytes, reward_args, rl_args, scalars
+
+OPEN_TO_LEARNED = "rewards.routes.demo_open=[{fn: reward_model, weight: 1.0}, {fn: exact, weight: 0.0}]"
 
 
 def _raw(**meta):
@@ -44,9 +46,14 @@ def test_an_rl_prompt_holds_its_generation_prompt_in_each_mode(processor):
 
 @pytest.fixture(scope="module")
 def fitted(demo_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("rl") / "run"
-    summary = train.run(load_config(rl_args(demo_dir, run_dir, "trainer.max_steps=2")))
-    return run_dir, summary
+    """``stage=rl`` from random init, 2 steps, the open questions routed to a reward run (one
+    step of ``stage=reward``) with exact match logged beside it."""
+    root = tmp_path_factory.mktemp("rl")
+    reward = train.run(load_config(reward_args(demo_dir, root / "reward", "trainer.max_steps=1")))
+    assert reward["status"] == "ok"
+    learned = [f"rewards.model={root / 'reward'}", OPEN_TO_LEARNED]
+    summary = train.run(load_config(rl_args(demo_dir, root / "run", "trainer.max_steps=2", *learned)))
+    return root / "run", summary
 
 
 def test_the_stage_fits_from_random_init_and_logs_its_reward_figures(fitted):
@@ -54,11 +61,16 @@ def test_the_stage_fits_from_random_init_and_logs_its_reward_figures(fitted):
     assert summary["status"] == "ok" and summary["global_step"] == 2
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["val_reward_before"] is not None and saved["val_reward_after"] is not None
+    # the first and the last tenth of 2 steps: step 0 and step 1, each task's mean reward
+    assert saved["reward_first_by_task"] and saved["reward_last_by_task"]
+    assert set(saved["reward_first_by_task"]) <= {"demo_arith", "demo_count", "demo_open"}
     tags = scalars(run_dir)
     for tag in (
         "train/loss",
         "train/reward",
         "reward/fn/numeric",
+        "reward/fn/reward_model",
+        "reward/fn/exact",
         "reward/zero_std_frac",
         "reward/unscored",
         "reward/failures/numeric",
@@ -93,3 +105,59 @@ def test_the_stage_refuses_bad_settings_at_start_up(demo_dir, tmp_path, capsys):
     for extra, message in cases:
         assert train.main(base + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def _shard(path, metas):
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i, meta in enumerate(metas):
+            sink.write({"__key__": f"p{i}", "json": json.dumps(meta).encode()})
+    return str(path)
+
+
+def test_prompts_whose_route_cannot_score_them_are_refused_at_start_up(demo_dir, tmp_path, capsys):
+    user = [{"role": "user", "content": "What is 1 + 1?"}]
+    ok = {"messages": user, "task": "demo_arith", "answer": "2"}
+    cases = [
+        ({"messages": user, "task": "mystery"}, "task 'mystery' has no route in rewards.routes"),
+        (
+            {"messages": user, "task": "demo_arith"},
+            "no 'answer', which rewards.routes.demo_arith compares (numeric)",
+        ),
+    ]
+    for bad, message in cases:
+        shard = _shard(tmp_path / "bad.tar", [ok, bad])
+        args = rl_args(demo_dir, tmp_path / "x", "trainer.max_steps=1", f"data.sources.rl_open.train={shard}")
+        assert train.main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "data.sources.rl_open.train: sample 1" in err
+
+
+def test_a_resumed_run_samples_and_scores_what_the_uninterrupted_one_did(demo_dir, tmp_path):
+    common = ["optim.schedule=constant", "validate_before_fit=false", "trainer.val_check_interval=2"]
+
+    def run(name, *extra):
+        summary = train.run(load_config(rl_args(demo_dir, tmp_path / name, *common, *extra)))
+        tags = scalars(tmp_path / name)
+        return summary, {
+            tag: dict(tags[tag]) for tag in ("train/reward", "train/loss", "rollout/completion_len_mean")
+        }
+
+    _, full = run("full", "trainer.max_steps=4")
+    first, _ = run("part", "trainer.max_steps=2")
+    _, resumed = run("part", "trainer.max_steps=4", f"resume_from={first['last_ckpt']}")
+    for tag, values in full.items():
+        assert [resumed[tag][s] for s in (2, 3)] == [values[s] for s in (2, 3)], tag
+
+
+@pytest.mark.slow
+def test_two_processes_with_different_completion_lengths_do_not_hang(demo_dir, tmp_path):
+    """FSDP2 on 2 gloo processes: each rank samples its own prompts (their completions end at
+    different steps); decoding runs in lockstep until every rank's rows have finished."""
+    from tests.helpers import train_subprocess
+
+    run_dir = tmp_path / "run"
+    fsdp = ["trainer.strategy=fsdp", "trainer.devices=2", "trainer.max_steps=2", "rl.max_new_tokens=24"]
+    out = train_subprocess(rl_args(demo_dir, run_dir, *fsdp), timeout=400)
+    assert out["status"] == "ok" and out["global_step"] == "2"

@@ -58,6 +58,10 @@ class BlueLMModule(L.LightningModule):
                     f"data.sources.{name} is {src.kind}"
                 )
 
+    def summary_extra(self) -> Dict[str, Any]:
+        """More ``summary.json`` keys of a finished run (collective: every rank calls it)."""
+        return {}
+
     # ------------------------------------------------------------------ model
 
     def configure_model(self) -> None:

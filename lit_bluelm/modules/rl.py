@@ -26,7 +26,9 @@ score, left out of the loss), ``reward/failures/<fn>`` and ``reward/timeouts/<fn
 held-out prompt at the rollout temperature: ``val/reward``, ``val/accuracy`` (the mean of the
 first answer check of the prompt's route: sampled pass@1), and both by task; the best checkpoint
 has the highest ``val/reward``; the summary has ``val_reward_before|after``,
-``val_accuracy_before|after`` and ``val_reward_after_by_source`` (by task).
+``val_accuracy_before|after``, ``val_reward_after_by_source`` (by task) and
+``reward_first_by_task`` / ``reward_last_by_task``: each task's mean training reward over the
+first and the last tenth of the steps (the trend the demo judges).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class RLModule(BlueLMModule):
         self._router: Any = None
         self._generator: Any = None
         self._reference: List[nn.Module] = []  # a list: not a submodule (not saved, not trained)
+        # per optimizer step, per task: [sum of rewards, scored samples] (this rank's; saved in
+        # checkpoints, so a resumed run reports the whole run's trend)
+        self.reward_history: Dict[int, Dict[str, List[float]]] = {}
 
     # ------------------------------------------------------------------ start-up
 
@@ -110,6 +115,7 @@ class RLModule(BlueLMModule):
         from lit_bluelm.rewards.router import check_names
 
         check_names(cfg.rewards.routes)
+        check_prompts(cfg)
         if uses_learned(cfg.rewards.routes):
             _reward_model(cfg, tokenizer, "cpu")  # refuses another tokenizer or chat template now
 
@@ -166,6 +172,19 @@ class RLModule(BlueLMModule):
             self._generator = Generator(self.model, self._tokenizer, fast=not fsdp, lockstep=fsdp)
         return self._generator
 
+    def _generate(self, rows: List[Any], gen_cfg: Any) -> List[Any]:
+        """The engine on ``rows``. Under FSDP the root's own weights (embeddings, norm, head),
+        which only its forward would gather, are gathered around the whole rollout (documented
+        ``FSDPModule.unshard``/``reshard``); the layers gather per step, every rank in lockstep."""
+        fsdp = self.cfg.trainer.strategy == "fsdp"
+        if fsdp:
+            self.model.unshard()
+        try:
+            return self._engine().generate(rows, gen_cfg)
+        finally:
+            if fsdp:
+                self.model.reshard()
+
     def rollout(self, prompts: List[Dict[str, Any]], samples: int, seed: int) -> Rollout:
         """``samples`` completions of each prompt, scored."""
         from lit_bluelm.generation import GenerationConfig, Prompt
@@ -187,7 +206,7 @@ class RLModule(BlueLMModule):
                 rows.append(Prompt(p["ids"][mode], p.get("pixel_values")))
                 modes.append(mode)
                 pixels.append(p.get("pixel_values"))
-        generations = self._engine().generate(rows, gen_cfg)
+        generations = self._generate(rows, gen_cfg)
         items, learned_inputs = [], []
         for k, g in enumerate(generations):
             p = prompts[k // samples]
@@ -297,6 +316,7 @@ class RLModule(BlueLMModule):
         loss, stats = self.policy_loss(rollout, adv.advantages, adv.scored)
         learned = time.perf_counter()
         self._log_rollout(rollout, adv)
+        self._record(rollout)
         means = stat_means(stats)
         n = rollout.groups
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -340,10 +360,56 @@ class RLModule(BlueLMModule):
         self.log("rollout/thinking_len_max", float(max(thinking)), batch_size=n, reduce_fx="max")
         truncated = sum(g.finish_reason == "length" for g in gens) / len(gens)
         self.log("rollout/truncated_frac", truncated, batch_size=n)
+        if scores.unrouted:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"{scores.unrouted} samples of tasks without a route in rewards.routes: no reward")
         for line in scores.errors:
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(f"reward failure: {line}")
+
+    # ------------------------------------------------------------------ the reward trend
+
+    def _record(self, rollout: Rollout) -> None:
+        step = self.reward_history.setdefault(int(self.global_step), {})
+        for task, reward in zip(rollout.tasks, rollout.rewards.flatten().tolist(), strict=True):
+            if not math.isnan(reward):
+                total = step.setdefault(task, [0.0, 0.0])
+                total[0] += reward
+                total[1] += 1
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["rl_reward_history"] = {str(k): v for k, v in self.reward_history.items()}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        saved = checkpoint.get("rl_reward_history") or {}
+        self.reward_history = {int(k): {t: list(v) for t, v in tasks.items()} for k, tasks in saved.items()}
+
+    def reward_trend(self) -> Dict[str, Dict[str, float]]:
+        """Each task's mean reward over the first and over the last tenth of the optimizer steps
+        (at least one step each; over every rank): ``{"first": {task: mean}, "last": {...}}``."""
+        steps = int(self.cfg.trainer.max_steps)
+        window = max(1, math.ceil(steps / 10))
+        tasks = sorted(self.cfg.rewards.routes)
+        out: Dict[str, Dict[str, float]] = {}
+        for name, span in (("first", range(0, window)), ("last", range(steps - window, steps))):
+            sums = torch.zeros(len(tasks), 2, dtype=torch.float64, device=self.device)
+            for step in span:
+                for i, task in enumerate(tasks):
+                    total = self.reward_history.get(step, {}).get(task)
+                    if total is not None:
+                        sums[i] += torch.tensor(total, dtype=torch.float64, device=self.device)
+            if self.trainer is not None and self.trainer.world_size > 1:
+                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            out[name] = {
+                t: round(float(s / n), 4) for t, (s, n) in zip(tasks, sums.tolist(), strict=True) if n > 0
+            }
+        return out
+
+    def summary_extra(self) -> Dict[str, Any]:
+        trend = self.reward_trend()
+        return {"reward_first_by_task": trend["first"], "reward_last_by_task": trend["last"]}
 
     # ------------------------------------------------------------------ validation
 
@@ -377,6 +443,39 @@ class RLModule(BlueLMModule):
             if count > 0:
                 self.log(name, metric.compute(), prog_bar=name == "val/reward", sync_dist=True)
             metric.reset()
+
+
+PEEK = 32  # prompts of each source's first train and val shard read at start-up
+
+
+def check_prompts(cfg: Any) -> None:
+    """The first prompts of each source declare a routed ``task`` and carry the ``answer`` their
+    route's answer checks compare (one line naming the source otherwise). A later prompt of an
+    unrouted task gets no reward and is counted (``reward/unscored``), never a stop."""
+    from datamodules.readers import peek_meta
+    from datamodules.streams import expand_shards
+
+    routes = cfg.rewards.routes
+    for name, src in cfg.data.sources.items():
+        for split in ("train", "val"):
+            pattern = src.get(split)
+            if not pattern:
+                continue
+            url = expand_shards(pattern, f"data.sources.{name}.{split}")[0]
+            if "://" in url:
+                continue  # remote shards are not opened at start-up
+            for i, meta in enumerate(peek_meta(url, PEEK)):
+                where = f"data.sources.{name}.{split}: sample {i} of {url}"
+                task = meta.get("task")
+                if task not in routes:
+                    raise ConfigError(
+                        f"{where}: task {task!r} has no route in rewards.routes (routed: {', '.join(routes)})"
+                    )
+                checks = [r.fn for r in routes[task] if r.fn in ANSWER_CHECKS]
+                if checks and not isinstance(meta.get("answer"), str):
+                    raise ConfigError(
+                        f"{where}: no 'answer', which rewards.routes.{task} compares ({', '.join(checks)})"
+                    )
 
 
 def _reward_model(cfg: Any, tokenizer: Any, device: Any) -> Any:

@@ -47,6 +47,7 @@ class Scores:
     failures: Dict[str, int] = field(default_factory=dict)  # raised, by function
     timeouts: Dict[str, int] = field(default_factory=dict)  # passed timeout_s, by function
     errors: List[str] = field(default_factory=list)  # one line per failure (the first few kept)
+    unrouted: int = 0  # samples of a task without a route (no score)
 
 
 def _warm_up() -> None:
@@ -151,26 +152,19 @@ class RewardRouter:
 
     # ------------------------------------------------------------------ scoring
 
-    def check_samples(self, samples: Sequence[Sample]) -> None:
-        for i, sample in enumerate(samples):
-            if sample.task not in self.routes:
-                raise ConfigError(
-                    f"sample {i}: task '{sample.task}' has no route in rewards.routes "
-                    f"(routed: {', '.join(sorted(self.routes))})"
-                )
-
     def score(self, samples: Sequence[Sample], learned_inputs: Optional[Sequence[Any]] = None) -> Scores:
         """Rewards of ``samples``; ``learned_inputs[i]`` is what ``learned`` scores for sample i
-        (a conversation), needed when a route uses ``reward_model``."""
-        self.check_samples(samples)
-        names = sorted({r.fn for task in {s.task for s in samples} for r in self.routes[task]})
+        (a conversation), needed when a route uses ``reward_model``. A sample of a task without a
+        route gets no score (NaN), counted in ``Scores.unrouted``."""
+        routes = [self.routes.get(s.task, []) for s in samples]
+        names = sorted({r.fn for task_routes in routes for r in task_routes})
         by_fn: Dict[str, List[Optional[float]]] = {name: [None] * len(samples) for name in names}
         failures: Dict[str, int] = {}
         timeouts: Dict[str, int] = {}
         errors: List[str] = []
         calls, where = [], []
         for i, sample in enumerate(samples):
-            for route in self.routes[sample.task]:
+            for route in routes[i]:
                 if route.fn != LEARNED:
                     calls.append((route.fn, sample))
                     where.append((route.fn, i))
@@ -183,7 +177,7 @@ class RewardRouter:
                 failures[name] = failures.get(name, 0) + 1
                 if len(errors) < self.MAX_ERRORS:
                     errors.append(f"{name} on sample {i}: {value}")
-        learned = [i for i, s in enumerate(samples) if any(r.fn == LEARNED for r in self.routes[s.task])]
+        learned = [i for i in range(len(samples)) if any(r.fn == LEARNED for r in routes[i])]
         if learned:
             if self.learned is None or learned_inputs is None:
                 raise ConfigError("rewards.routes use reward_model but the router has no reward model")
@@ -196,12 +190,13 @@ class RewardRouter:
                 if len(errors) < self.MAX_ERRORS:
                     errors.append(f"{LEARNED}: {type(err).__name__}: {err}"[:300])
         rewards = []
-        for i, sample in enumerate(samples):
+        for i in range(len(samples)):
             total = weight = 0.0
-            for route in self.routes[sample.task]:
+            for route in routes[i]:
                 value = by_fn[route.fn][i]
                 if value is not None and route.weight > 0:
                     total += route.weight * value
                     weight += route.weight
             rewards.append(total / weight if weight > 0 else math.nan)
-        return Scores(rewards, by_fn, failures, timeouts, errors)
+        unrouted = sum(1 for r in routes if not r)
+        return Scores(rewards, by_fn, failures, timeouts, errors, unrouted)
