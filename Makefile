@@ -24,9 +24,10 @@ demo: $(STAMP)
 
 # The stages after the text stage again with 3 seeds (seed and data.seed 1234+k) into
 # $(DEMO_RUNS)_seed<k>/; prints each claim's mean and min over the seeds and adds them to
-# $(DEMO_RUNS)/report.md. Runs the text stages first when they have not run.
+# $(DEMO_RUNS)/report.md. Runs the text stages first when they have not run. FROM=<run> reruns
+# each seed's folder from that stage on (e.g. FROM=reward).
 demo-seeds: $(STAMP)
-	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) --seeds 3
+	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) --seeds 3 $(if $(FROM),--from $(FROM))
 
 # The README's demo section is $(DEMO_RUNS)/report.md, spliced between its markers.
 readme: $(STAMP)

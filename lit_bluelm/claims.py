@@ -255,6 +255,9 @@ CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (reward_accuracy, "every"),
     (reward_per_type, "every"),
     (reward_pairs, "every"),
+)
+# GRPO's claims (issue 24), judged once the demo runs the RL stage: (claim, how over seeds)
+RL_CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (rl_sampled_gain, "every"),
     (rl_keeps_greedy, "every"),
     (rl_rewards_rise, "every"),

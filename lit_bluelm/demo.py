@@ -22,7 +22,8 @@ stage costs minutes, not the whole pipeline (``--from eval_sft``, or either pass
 reruns only the evaluations).
 ``--seeds N`` (``make demo-seeds``) reruns the stages after the text stage, from ``<runs>/text``,
 with ``seed`` and ``data.seed`` set to 1234 + k into ``<runs>_seed<k>`` (k = 1..N), and prints
-each claim's mean and min over the seeds. ``key=value`` arguments are added to every stage
+each claim's mean and min over the seeds; with ``--from RUN`` (a later stage or an evaluation)
+each seed's folder is rerun from there on. ``key=value`` arguments are added to every stage
 (``trainer.max_steps=2`` for a smoke run; ``data.demo_dir=`` also moves the evaluation's tasks).
 One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
 """
@@ -75,16 +76,16 @@ STAGES: Tuple[Stage, ...] = (
     Stage("sft", ("stage=sft", f"init_from={_last('long_context')}")),
     # the reward model: the SFT model with a scalar head, on held-out preference pairs
     Stage("reward", ("stage=reward", f"init_from={_last('sft')}")),
-    # GRPO from the SFT checkpoint; the open questions scored by the reward model, exact match
-    # logged beside it (weight 0)
-    Stage(
-        "rl",
-        (
-            "stage=rl",
-            f"init_from={_last('sft')}",
-            "rewards.model={runs}/reward",
-            "rewards.routes.demo_open=[{{fn: reward_model, weight: 1.0}}, {{fn: exact, weight: 0.0}}]",
-        ),
+)
+# GRPO (stage=rl) joins STAGES when its claims hold on every seed (issue 24): from the SFT
+# checkpoint, the open questions scored by the reward run, exact match logged beside it
+RL_STAGE = Stage(
+    "rl",
+    (
+        "stage=rl",
+        f"init_from={_last('sft')}",
+        "rewards.model={runs}/reward",
+        "rewards.routes.demo_open=[{{fn: reward_model, weight: 1.0}}, {{fn: exact, weight: 0.0}}]",
     ),
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
@@ -100,19 +101,17 @@ PASSKEY = {
     "passkey_before": ("reasoning", ("extrapolate=true", PASSKEY_FACTORS)),
     "passkey_after": ("long_context", (PASSKEY_FACTORS,)),
 }
-# the RL checkpoint evaluated like the SFT one (greedy), and both sampled (T=1, 4 samples) on
-# think-mode demo_arith at the largest budget: <runs>/<name>
-RL_EVALS = {
+# evaluations beside the SFT one: name -> (the stage whose checkpoint, more evaluate arguments),
+# into <runs>/<name>; none until RL_STAGE joins STAGES, then RL_STAGE_EVALS: the RL checkpoint
+# evaluated like the SFT one (greedy) and both sampled (T=1, 4 samples) on think-mode demo_arith
+# at the largest budget
+SAMPLED = ("tasks=[demo_arith]", "modes=[think]", "budgets=[128]", "samples=4", "temperature=1.0")
+RL_STAGE_EVALS = {
     "eval_rl": ("rl", ()),
-    "eval_sft_sampled": (
-        "sft",
-        ("tasks=[demo_arith]", "modes=[think]", "budgets=[128]", "samples=4", "temperature=1.0"),
-    ),
-    "eval_rl_sampled": (
-        "rl",
-        ("tasks=[demo_arith]", "modes=[think]", "budgets=[128]", "samples=4", "temperature=1.0"),
-    ),
+    "eval_sft_sampled": ("sft", SAMPLED),
+    "eval_rl_sampled": ("rl", SAMPLED),
 }
+RL_EVALS: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
 EVALS = (EVAL, *PASSKEY, *RL_EVALS)  # --from any of them reruns them all (two minutes)
 PASSKEY_SETTINGS: Tuple[str, ...] = ()  # more evaluate arguments (none: the task's lengths, depths, trials)
 DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
@@ -184,8 +183,9 @@ def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = (), base: Optiona
     return args + [f"run_dir={runs}/{stage.name}", *extra, *(() if stage.trains else VALIDATE_ONLY)]
 
 
-def first_stage(start: Optional[str], runs: str) -> int:
-    """The index of the stage ``--from`` names; the runs before it must have finished."""
+def first_stage(start: Optional[str], runs: str, skip: int = 0) -> int:
+    """The index of the stage ``--from`` names; the runs before it (from ``STAGES[skip]`` on: a
+    seed's folder holds the stages after the text stage) must have finished."""
     if not start:
         return 0
     name = Path(start).name
@@ -193,7 +193,7 @@ def first_stage(start: Optional[str], runs: str) -> int:
     if name not in names:
         raise ConfigError(f"--from: unknown run '{start}'; valid: {', '.join(names)}")
     index = names.index(name)
-    for stage in STAGES[: min(index, len(STAGES))]:
+    for stage in STAGES[skip : min(index, len(STAGES))]:
         ckpt = Path(runs) / stage.name / "checkpoints" / "last.ckpt"
         summary = Path(runs) / stage.name / "summary.json"
         if not summary.is_file() or (stage.trains and not ckpt.exists()):
@@ -282,23 +282,32 @@ def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> 
     return 0 if all(c.met for c in claims) else 1
 
 
-def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str) -> int:
+def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str, start: Optional[str] = None) -> int:
     """``make demo-seeds``: the stages after the text stage (started from ``<runs>/text``, trained
     first when it has not finished) with ``n`` seeds into ``<runs>_seed<k>``; the claims of each
-    seed, then each claim's mean and min over the seeds. 0 when every claim is met."""
-    try:
-        first_stage(STAGES[TEXT_STAGES].name, runs)
-    except ConfigError:
-        _, code = run_stages(STAGES[:TEXT_STAGES], runs, overrides)
-        if code:
-            return code
+    seed, then each claim's mean and min over the seeds. 0 when every claim is met. ``start`` (a
+    stage after the text stage, or an evaluation) reruns each seed's folder from there on,
+    reusing its earlier runs, which must have finished."""
+    folders = [f"{runs}_seed{k}" for k in range(1, n + 1)]
+    if start:
+        first = [first_stage(start, folder, TEXT_STAGES) for folder in folders]  # refuses before any work
+        if min(first) < TEXT_STAGES:
+            raise ConfigError(f"--seeds --from {start}: the seeds rerun the stages after the text stage")
+    else:
+        first = [TEXT_STAGES] * n
+        try:
+            first_stage(STAGES[TEXT_STAGES].name, runs)
+        except ConfigError:
+            _, code = run_stages(STAGES[:TEXT_STAGES], runs, overrides)
+            if code:
+                return code
     began_all = time.time()
     seeds = [DEFAULT_SEED + k for k in range(1, n + 1)]
     per_seed: List[Evidence] = []
     for k, seed in enumerate(seeds, start=1):
-        folder = f"{runs}_seed{k}"
+        folder = folders[k - 1]
         extra = [*overrides, f"seed={seed}", f"data.seed={seed}"]
-        _, code = run_stages(STAGES[TEXT_STAGES:], folder, extra, base=runs)
+        _, code = run_stages(STAGES[first[k - 1] :], folder, extra, base=runs)
         if code:
             return code
         ev = evidence(folder, STAGES[TEXT_STAGES:], *run_evals(folder, demo_dir, {}))
@@ -310,7 +319,7 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str) -> int
     record = {
         **stamp(),
         "seeds": seeds,
-        "folders": [f"{runs}_seed{k}" for k in range(1, n + 1)],
+        "folders": folders,
         "seconds": round(time.time() - began_all, 1),
         "claims": [asdict(c) for c in claims],
         "per_seed": [[asdict(c) for c in judge(ev)] for ev in per_seed],
@@ -338,9 +347,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         if args.seeds is not None:
-            if args.seeds < 1 or args.start:
-                raise ConfigError("--seeds: a number >= 1, without --from")
-            return seed_runs(runs, args.seeds, args.overrides, demo_dir)
+            if args.seeds < 1:
+                raise ConfigError("--seeds: a number >= 1")
+            return seed_runs(runs, args.seeds, args.overrides, demo_dir, args.start)
         return pipeline(runs, first_stage(args.start, runs), args.overrides, demo_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

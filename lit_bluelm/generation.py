@@ -5,7 +5,8 @@ Lightning), with an exact thinking-token budget. Evaluation and GRPO rollouts us
   into one batch with position ids as transformers computes them (``cumsum(mask) - 1``).
 * Greedy (``temperature=0``) or sampled with temperature, top-k and top-p, from a seeded
   generator: the same seed, prompts and settings give the same output. Logits of padded
-  vocabulary rows (an LLM vocabulary larger than the tokenizer) are never chosen.
+  vocabulary rows (an LLM vocabulary larger than the tokenizer) and of the ``<image>``
+  placeholder (it stands for image features a reply never has) are never chosen.
 * A row stops at EOS or ``<|im_end|>`` (the stop token ends its ids but not its text), at a user
   stop string (the text ends before it), or after ``max_new_tokens`` (``finish_reason`` ``stop``
   or ``length``).
@@ -241,6 +242,8 @@ class Generator:
         llm_cfg = model.llm.config
         self.max_length = max_length or int(getattr(llm_cfg, "max_position_embeddings", 1 << 30))
         self.vocab_limit = len(tokenizer)  # ids at and above it are padded rows: never chosen
+        image_id = getattr(model, "image_token_id", None)
+        self.banned = [int(image_id)] if image_id is not None and 0 <= image_id < self.vocab_limit else []
         self.cache_kwarg = _cache_kwarg(model.llm.base_model)
         # the direct decode step for Llama-style decoders (fast=False: the model's forward always)
         self.fast = fast and FastDecoder.supports(model.llm.base_model)
@@ -320,6 +323,8 @@ class Generator:
                     cache = None
             logits = head(hidden).float()
             logits[:, self.vocab_limit :] = float("-inf")
+            if self.banned:
+                logits[:, self.banned] = float("-inf")
             tokens, logprobs, plain = choose(logits, cfg, generator)
             tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
             for i in active:

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from datamodules.demo import DemoSpec, write_demo
+from lit_bluelm import claims as claims_module
 from lit_bluelm import demo
 from lit_bluelm.claims import CLAIMS
 from lit_bluelm.errors import ConfigError
@@ -99,6 +100,34 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     assert rc == (0 if all(c["met"] for c in seeds["claims"]) else 1)
     assert "make demo-seeds" in (runs / "report.md").read_text()
     assert "claims over seeds" in capsys.readouterr().out
+    # a late stage of every seed again, reusing the seed's earlier runs
+    sft_time = (seeded / "sft" / "summary.json").stat().st_mtime_ns
+    reward_time = (seeded / "reward" / "summary.json").stat().st_mtime_ns
+    demo.main(["--runs", str(runs), "--seeds", "1", "--from", "reward", *args[2:]])
+    assert (seeded / "sft" / "summary.json").stat().st_mtime_ns == sft_time
+    assert (seeded / "reward" / "summary.json").stat().st_mtime_ns > reward_time
+    out = capsys.readouterr().out
+    assert "stage=reward" in out and "stage=sft" not in out and "claims over seeds" in out
+
+    # GRPO joins the pipeline as it will once its claims hold (issue 24): the stage from the SFT
+    # checkpoint with the reward run, its evaluations and its claims
+    monkeypatch.setattr(demo, "STAGES", (*demo.STAGES, demo.RL_STAGE))
+    monkeypatch.setattr(demo, "RL_EVALS", demo.RL_STAGE_EVALS)
+    monkeypatch.setattr(demo, "EVALS", (*demo.EVALS, *demo.RL_STAGE_EVALS))
+    monkeypatch.setattr(claims_module, "CLAIMS", (*CLAIMS, *claims_module.RL_CLAIMS))
+    demo.main(["--runs", str(runs), "--from", "rl", *args[2:]])
+    rl_config = (runs / "rl" / "config.yaml").read_text()
+    assert (
+        f"init_from: {runs}/sft/checkpoints/last.ckpt" in rl_config and f"model: {runs}/reward" in rl_config
+    )
+    assert json.loads((runs / "rl" / "summary.json").read_text())["global_step"] == 2
+    sampled = json.loads((runs / "eval_rl_sampled" / "results.json").read_text())["results"]
+    assert [(r["task"], r["mode"], r["budget"], r["n"]) for r in sampled] == [
+        ("demo_arith", "think", 128, 16)
+    ]
+    report = json.loads((runs / "report.json").read_text())
+    names = {c["name"] for c in report["claims"]}
+    assert len(names) == len(claims_module.CLAIMS) and set(report["evals"]) == set(demo.RL_STAGE_EVALS)
 
 
 def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
@@ -111,10 +140,11 @@ def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
     assert "error: --from joint reuses" in capsys.readouterr().err
 
 
-def test_seeds_needs_a_count_and_no_from(capsys):
+def test_seeds_needs_a_count_and_finished_runs_to_rerun_from(tmp_path, capsys):
     assert demo.main(["--seeds", "0"]) == 2
-    assert demo.main(["--seeds", "2", "--from", "sft"]) == 2
-    assert "error: --seeds: a number >= 1, without --from" in capsys.readouterr().err
+    assert "error: --seeds: a number >= 1" in capsys.readouterr().err
+    assert demo.main(["--runs", str(tmp_path / "runs"), "--seeds", "2", "--from", "sft"]) == 2
+    assert "error: --from sft reuses" in capsys.readouterr().err
 
 
 def test_the_pipeline_stops_at_a_diverged_stage(tmp_path, capsys):

@@ -177,6 +177,19 @@ def test_padded_vocabulary_rows_are_never_chosen(tok):
         assert all(t < len(tok) for t in out.token_ids)
 
 
+def test_the_image_placeholder_is_never_chosen(tok):
+    image = tok.convert_tokens_to_ids("<image>")
+    model = ScriptedModel(len(tok))
+    model.image_token_id = image
+    prompt = _ids(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    model.llm.scripts, model.llm.prompt_len = [[image] * 5], len(prompt)  # it prefers <image>
+    for temperature in (0.0, 1.0):
+        [out] = Generator(model, tok).generate(
+            [Prompt(prompt)], GenerationConfig(max_new_tokens=5, temperature=temperature)
+        )
+        assert image not in out.token_ids
+
+
 def test_rows_finish_independently_and_the_chosen_ids_are_fed_back(tok):
     short = _script(tok, f"7{IM_END}")
     long = _script(tok, f"1 2 3 4{IM_END}")
