@@ -350,3 +350,48 @@ def test_the_direct_decode_step_applies_only_where_it_is_exact():
     assert not FastDecoder.supports(Qwen2Model(Qwen2Config(use_sliding_window=True, sliding_window=16, **kw)))
     assert not FastDecoder.supports(MistralModel(MistralConfig(sliding_window=16, **kw)))
     assert not FastDecoder.supports(Qwen3Model(Qwen3Config(**kw)))
+
+
+class _CollectiveBase(_ScriptedBase):
+    """A scripted decoder whose every forward is a collective, as a sharded one's is."""
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, use_cache, cache):
+        torch.distributed.all_reduce(torch.ones(1))
+        return super().forward(inputs_embeds, attention_mask, position_ids, use_cache, cache)
+
+
+def _lockstep_rank(rank: int, init: str, tokenizer_dir: str, out: str) -> None:
+    import json
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    tok = load_tokenizer(tokenizer_dir)
+    model = ScriptedModel(len(tok))
+    model.llm.base_model = _CollectiveBase(model.llm)
+    prompt = _ids(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    # rank 0's reply ends after 2 tokens, rank 1's after 6
+    model.llm.scripts = [_ids(tok, "7" + IM_END) if rank == 0 else _ids(tok, "1 2 3 4 5" + IM_END)]
+    model.llm.prompt_len = len(prompt)
+    gen = Generator(model, tok, fast=False, lockstep=True)
+    [reply] = gen.generate([Prompt(prompt)], GenerationConfig(max_new_tokens=16))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"text": reply.text, "forwards": len(model.llm.seen)}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_lockstep_decoding_keeps_every_rank_stepping_until_the_last_row_finishes(demo_dir, tmp_path):
+    """Two gloo processes whose replies end at different steps and whose decoder forward is a
+    collective: the rank that finished first keeps stepping (no hang); its reply is unchanged."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "reply")
+    init = f"file://{tmp_path / 'store'}"
+    mp.start_processes(
+        _lockstep_rank, args=(init, str(demo_dir / "tokenizer"), out), nprocs=2, start_method="spawn"
+    )
+    first, second = (json.loads((tmp_path / f"reply.{r}").read_text()) for r in (0, 1))
+    assert first["text"] == "7" and second["text"] == "1 2 3 4 5"
+    assert first["forwards"] == second["forwards"]  # rank 0 stepped until rank 1 was done
+    with pytest.raises(ValueError, match="lockstep decoding runs the model's own forward"):
+        Generator(ScriptedModel(8), load_tokenizer(demo_dir / "tokenizer"), lockstep=True)

@@ -88,6 +88,7 @@ class RLModule(BlueLMModule):
         self._router: Any = None
         self._generator: Any = None
         self._reference: List[nn.Module] = []  # a list: not a submodule (not saved, not trained)
+        self._fsdp_ready = False
         # per optimizer step, per task: [sum of rewards, scored samples] (this rank's; saved in
         # checkpoints, so a resumed run reports the whole run's trend)
         self.reward_history: Dict[int, Dict[str, List[float]]] = {}
@@ -178,6 +179,13 @@ class RLModule(BlueLMModule):
         ``FSDPModule.unshard``/``reshard``); the layers gather per step, every rank in lockstep."""
         fsdp = self.cfg.trainer.strategy == "fsdp"
         if fsdp:
+            if not self._fsdp_ready:
+                # FSDP2 sets itself up on the root's first forward; the rollout calls the
+                # decoder directly, so the root runs once first (one token, no output)
+                with torch.no_grad():
+                    one = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+                    self.model(one, head_fn=lambda hidden, head: None)
+                self._fsdp_ready = True
             self.model.unshard()
         try:
             return self._engine().generate(rows, gen_cfg)
