@@ -161,3 +161,16 @@ def test_two_processes_with_different_completion_lengths_do_not_hang(demo_dir, t
     fsdp = ["trainer.strategy=fsdp", "trainer.devices=2", "trainer.max_steps=2", "rl.max_new_tokens=24"]
     out = train_subprocess(rl_args(demo_dir, run_dir, *fsdp), timeout=400)
     assert out["status"] == "ok" and out["global_step"] == "2"
+
+
+def test_beta_builds_a_frozen_reference_and_logs_the_kl_to_it(fitted, demo_dir, tmp_path):
+    """rl.beta > 0 from a checkpoint: the reference defaults to init_from's weights (the first
+    step's KL is 0); rl.reference names another checkpoint (here the reward run's LLM: a KL above 0)."""
+    run_dir, _ = fitted
+    reward = run_dir.parent / "reward"
+    base = ["trainer.max_steps=1", "rl.beta=0.1", f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}"]
+    base += ["validate_before_fit=false", OPEN_TO_LEARNED, f"rewards.model={reward}"]
+    for name, extra in (("init", []), ("other", [f"rl.reference={reward / 'checkpoints' / 'last.ckpt'}"])):
+        assert train.run(load_config(rl_args(demo_dir, tmp_path / name, *base, *extra)))["status"] == "ok"
+    same, other = (dict(scalars(tmp_path / name)["train/kl"])[0] for name in ("init", "other"))
+    assert same == pytest.approx(0.0, abs=1e-7) and other > 1e-4
