@@ -319,6 +319,7 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str, start:
     record = {
         **stamp(),
         "seeds": seeds,
+        "from": start,  # --from: the stage (or evaluation) each seed's folder was rerun from
         "folders": folders,
         "seconds": round(time.time() - began_all, 1),
         "claims": [asdict(c) for c in claims],

@@ -141,8 +141,13 @@ def render(runs: str | Path) -> str:
         seeds = json.loads(seeds_path.read_text())
         claims = [SeedClaim(**c) for c in seeds["claims"]]
         lines += [
-            f"`make demo-seeds` (commit `{seeds['commit']}`, {seeds['date']}): the stages after the text "
-            f"stage again with seeds {', '.join(map(str, seeds['seeds']))} (`seed` and `data.seed`), "
+            f"`make demo-seeds` (commit `{seeds['commit']}`, {seeds['date']}): "
+            + (
+                f"each seed's runs again from `{seeds['from']}` on"
+                if seeds.get("from")
+                else "the stages after the text stage again"
+            )
+            + f" with seeds {', '.join(map(str, seeds['seeds']))} (`seed` and `data.seed`), "
             f"in {seeds['seconds']:.0f} s:",
             "",
             *_code(seeds_block(claims, seeds["seeds"])),
