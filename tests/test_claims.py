@@ -223,6 +223,13 @@ def test_the_report_renders_from_its_files_and_goes_into_the_readme(tmp_path):
     assert "old figures" not in text and md.strip() in text
     assert text.startswith("intro\n<!-- BEGIN demo-report") and text.endswith(f"{report.END}\nrest\n")
     assert report.splice(text, md) == text  # regenerating an unchanged report changes nothing
+    # the seeds' figures, and what a --seeds --from run reran
+    seeds = {"commit": "abc123", "date": "d", "seeds": [1235], "seconds": 5.0, "folders": [], "from": None}
+    seeds |= {"claims": [c.__dict__ for c in over_seeds([Evidence(rows=rows())])], "per_seed": [[]]}
+    write_json(runs / report.SEEDS_JSON, seeds)
+    assert "the stages after the text stage again with seeds 1235" in report.render(runs)
+    write_json(runs / report.SEEDS_JSON, {**seeds, "from": "reward"})
+    assert "each seed's runs again from `reward` on with seeds 1235" in report.render(runs)
 
 
 def test_the_report_and_the_splice_refuse_what_is_missing(tmp_path, capsys):
