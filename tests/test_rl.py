@@ -52,6 +52,7 @@ def fitted(demo_dir, tmp_path_factory):
     reward = train.run(load_config(reward_args(demo_dir, root / "reward", "trainer.max_steps=1")))
     assert reward["status"] == "ok"
     learned = [f"rewards.model={root / 'reward'}", OPEN_TO_LEARNED]
+    learned.append("data.mix={rl_arith: 0.4, rl_count: 0.2, rl_open: 0.4}")  # open prompts in 2 steps
     summary = train.run(load_config(rl_args(demo_dir, root / "run", "trainer.max_steps=2", *learned)))
     return root / "run", summary
 
