@@ -227,6 +227,14 @@ def _write_shard(path: Path, samples: Iterator[Dict[str, bytes]]) -> None:
             sink.write(sample)
 
 
+def _json_sample(key: str, meta: Dict, image) -> Dict[str, bytes]:
+    """A sample of a ``json`` member and, when the item has an image, ``0.png``."""
+    sample = {"__key__": key, "json": json.dumps(meta).encode()}
+    if image is not None:
+        sample["0.png"] = _png(image)
+    return sample
+
+
 def _image_text_samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
     for i in range(n):
         image, caption, meta = shapes_sample(rng, ctx.held_out)
@@ -276,13 +284,7 @@ def _sft_samples(think: bool):
         for i in range(n):
             messages, item = sft_conversation(rng, ctx.makers, ctx.held_out, think)
             ctx.texts.append(render_chat(messages))
-            sample = {
-                "__key__": f"{prefix}-{i:05d}",
-                "json": json.dumps({"messages": messages, "task": item.task}).encode(),
-            }
-            if item.image is not None:
-                sample["0.png"] = _png(item.image)
-            yield sample
+            yield _json_sample(f"{prefix}-{i:05d}", {"messages": messages, "task": item.task}, item.image)
 
     return samples
 
@@ -300,10 +302,7 @@ def _pair_samples(pair_type: str):
                 "rejected": rejected,
                 "task": pair_type,
             }
-            sample = {"__key__": f"{prefix}-{i:05d}", "json": json.dumps(meta).encode()}
-            if item.image is not None:
-                sample["0.png"] = _png(item.image)
-            yield sample
+            yield _json_sample(f"{prefix}-{i:05d}", meta, item.image)
 
     return samples
 
@@ -320,10 +319,7 @@ def _rl_samples(source: str):
                 "task": item.task,
                 "answer": item.answer,
             }
-            sample = {"__key__": f"{prefix}-{i:05d}", "json": json.dumps(meta).encode()}
-            if item.image is not None:
-                sample["0.png"] = _png(item.image)
-            yield sample
+            yield _json_sample(f"{prefix}-{i:05d}", meta, item.image)
 
     return samples
 

@@ -72,6 +72,17 @@ def rl_args(root: Path, run_dir: Path, *extra: str) -> List[str]:
     return data + rl + run_args(run_dir, "data.batch_size=2", "data.seq_len=192", "rewards.workers=1", *extra)
 
 
+def assert_refused(args: List[str], message: str, capsys) -> str:
+    """``train.py ARGS`` is refused at start-up: exit 2 with ``message`` in its one error line
+    (returned, the whole stderr)."""
+    import train
+
+    assert train.main(args) == 2, args
+    err = capsys.readouterr().err
+    assert message in err, (args, err)
+    return err
+
+
 def png_bytes(size=(224, 112), color=(0, 128, 255)) -> bytes:
     """A solid-colour PNG image file's bytes."""
     import io

@@ -14,7 +14,7 @@ from datamodules.collate import Collator
 from datamodules.kinds import IGNORE_INDEX, SampleError, Skips, TooLong, encode_preference
 from lit_bluelm.config import ConfigError, load_config
 from lit_bluelm.objectives.reward import bradley_terry_loss, last_token_index, last_token_rewards, pair_stats
-from tests.helpers import png_bytes, reward_args, scalars
+from tests.helpers import assert_refused, png_bytes, reward_args, scalars
 
 PROMPT = [{"role": "user", "content": "What is 4 + 5?"}]
 CHOSEN = {"content": "9", "thinking": "4 + 5 = 9."}
@@ -196,8 +196,7 @@ def test_the_stage_refuses_what_it_cannot_read(demo_dir, tmp_path, capsys):
         (["module=next_token"], "data.sources.pref_think is preference"),
     ]
     for extra, message in cases:
-        assert train.main(base + extra) == 2, extra
-        assert message in capsys.readouterr().err, extra
+        assert_refused(base + extra, message, capsys)
 
 
 # ----------------------------------------------------------------------------- serving
