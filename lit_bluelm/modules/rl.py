@@ -47,8 +47,7 @@ from torchmetrics.aggregation import MeanMetric
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.modules.base import Batch, BlueLMModule
 from lit_bluelm.objectives.grpo import group_advantages, stat_means, surrogate_fn, token_mean
-
-ANSWER_CHECKS = ("math", "numeric", "exact", "choice")  # what val/accuracy reads, in route order
+from lit_bluelm.rewards.rules import ANSWER_CHECKS  # what val/accuracy reads, in route order
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from lit_bluelm.chat import split_reply
+from lit_bluelm.evaluation import METRICS
 from lit_bluelm.objectives.grpo import LEARNED
 from lit_bluelm.tokenizer import THINK_END, THINK_START
 
@@ -52,6 +53,8 @@ class Sample:
 
 
 RuleFn = Callable[[Sample], Optional[float]]
+# the rules that compare the answer with the prompt's gold one: the evaluation's metrics
+ANSWER_CHECKS = METRICS
 RULES: Dict[str, RuleFn] = {}
 
 
