@@ -222,17 +222,23 @@ def run_tokenizer(path: str | Path, saved: DictConfig) -> Optional[Path]:
 @dataclass
 class LoadedRun:
     config: DictConfig  # the config the run was trained with (today's schema)
-    model: Any  # BlueLM with the checkpoint's weights, eval mode, on CPU
+    model: Any  # BlueLM with the checkpoint's weights, eval mode, on CPU (None: weights=False)
     tokenizer: Any  # the run's tokenizer (transformers)
     path: Path
 
 
 def load_run(
-    path: str | Path, key: str = "checkpoint", text_only: bool = False, tokenizer: bool = True
+    path: str | Path,
+    key: str = "checkpoint",
+    text_only: bool = False,
+    tokenizer: bool = True,
+    weights: bool = True,
 ) -> LoadedRun:
     """A trained run from one of its checkpoints: saved config, model, tokenizer.
     ``text_only`` builds the LLM alone (e.g. a distillation teacher); ``tokenizer=False`` skips
-    the tokenizer (``LoadedRun.tokenizer`` is None), for callers that check ids another way."""
+    the tokenizer (``LoadedRun.tokenizer`` is None), for callers that check ids another way;
+    ``weights=False`` builds no model and reads no weights (``LoadedRun.model`` is None), for
+    start-up checks of the saved config and tokenizer."""
     from lit_bluelm.config import from_container
     from lit_bluelm.models import build_model
     from lit_bluelm.tokenizer import load_tokenizer
@@ -243,6 +249,8 @@ def load_run(
     tok_dir = run_tokenizer(path, cfg) if tokenizer else None
     if tokenizer and tok_dir is None:
         raise ConfigError(f"{key}: no tokenizer found for '{path}' (expected <run_dir>/{TOKENIZER_DIR})")
+    if not weights:
+        return LoadedRun(cfg, None, load_tokenizer(tok_dir) if tok_dir else None, Path(path))
     model = build_model(cfg.model, cfg.context)
     keys = load_model_weights(model, path, key)
     missing = [k for k in keys["missing"] if k not in _tied(model)]

@@ -238,12 +238,32 @@ def test_serving_refuses_another_tokenizer_and_a_run_without_a_head(fitted, tmp_
     other.chat_template = "{{ messages }}"
     with pytest.raises(ConfigError, match="chat template"):
         RewardModel.from_run(run_dir, tokenizer=other)
+    with pytest.raises(ConfigError, match="chat template"):
+        RewardModel.check_run(run_dir, tokenizer=other)  # the start-up check: the same refusals
+    with pytest.raises(ConfigError, match="tokenizer .* differs from the policy's"):
+        RewardModel.check_run(run_dir, tokenizer=tokenizer)
     loaded = load_run(run_dir / "checkpoints" / "last.ckpt")
     cfg = loaded.config.copy()
     cfg.model.reward_head = False
     plain = LoadedRun(cfg, build_model(cfg.model, cfg.context), loaded.tokenizer, loaded.path)
     with pytest.raises(ConfigError, match="not a reward run"):
         RewardModel(plain)
+
+
+def test_the_start_up_check_reads_no_weights(fitted, monkeypatch):
+    import lit_bluelm.checkpoint as checkpoint
+    from lit_bluelm.rewards import RewardModel
+    from lit_bluelm.tokenizer import load_tokenizer
+
+    run_dir, _ = fitted
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(checkpoint, "load_model_weights", no_weights)
+    RewardModel.check_run(run_dir, load_tokenizer(run_dir / "tokenizer"))  # accepted, no weights
+    with pytest.raises(AssertionError, match="weights were read"):
+        RewardModel.from_run(run_dir)
 
 
 def test_the_score_command_prints_a_score_per_line(fitted, tmp_path, capsys):

@@ -117,7 +117,9 @@ class RLModule(BlueLMModule):
         check_names(cfg.rewards.routes)
         check_prompts(cfg)
         if uses_learned(cfg.rewards.routes):
-            _reward_model(cfg, tokenizer, "cpu")  # refuses another tokenizer or chat template now
+            from lit_bluelm.rewards.model import RewardModel
+
+            RewardModel.check_run(cfg.rewards.model, tokenizer)  # its config and tokenizer, no weights
 
     def setup(self, stage: str) -> None:
         from lit_bluelm.tokenizer import load_tokenizer
@@ -132,7 +134,11 @@ class RLModule(BlueLMModule):
 
             learned = None
             if uses_learned(self.cfg.rewards.routes):
-                model = _reward_model(self.cfg, self._tokenizer, self.device)
+                from lit_bluelm.rewards.model import RewardModel
+
+                model = RewardModel.from_run(
+                    self.cfg.rewards.model, tokenizer=self._tokenizer, device=self.device
+                )
 
                 def learned(items: List[Any]) -> List[float]:
                     return model.score([c for c, _ in items], [imgs for _, imgs in items])
@@ -483,9 +489,3 @@ def check_prompts(cfg: Any) -> None:
                     raise ConfigError(
                         f"{where}: no 'answer', which rewards.routes.{task} compares ({', '.join(checks)})"
                     )
-
-
-def _reward_model(cfg: Any, tokenizer: Any, device: Any) -> Any:
-    from lit_bluelm.rewards.model import RewardModel
-
-    return RewardModel.from_run(cfg.rewards.model, tokenizer=tokenizer, device=device)

@@ -39,6 +39,29 @@ def _checkpoint_of(path: str | Path) -> Path:
     raise ConfigError(f"reward model: '{path}' has no checkpoint (checkpoints/last.ckpt)")
 
 
+def _require_head(loaded: Any) -> None:
+    if not loaded.config.model.reward_head:
+        raise ConfigError(f"reward model: '{loaded.path}' is not a reward run (model.reward_head: false)")
+
+
+def _check_policy_tokenizer(loaded: Any, tokenizer: Any) -> None:
+    """The reward run's tokenizer and chat template are the policy's (else the policy's text
+    would be re-read with other ids or in another format)."""
+    from lit_bluelm.tokenizer import tokenizer_difference
+
+    difference = tokenizer_difference(loaded.tokenizer, tokenizer)
+    if difference is not None:
+        raise ConfigError(
+            f"reward model: the tokenizer of '{loaded.path}' differs from the policy's: {difference}"
+        )
+    ours, theirs = loaded.tokenizer.chat_template, getattr(tokenizer, "chat_template", None)
+    if theirs is not None and ours != theirs:
+        raise ConfigError(
+            f"reward model: the chat template of '{loaded.path}' differs from the policy's "
+            "(another chat format or control-token placement, sft.think_token_position)"
+        )
+
+
 class RewardModel:
     """Scores conversations with a reward run's model (``score``: one float each)."""
 
@@ -46,8 +69,7 @@ class RewardModel:
         from lit_bluelm.processor import BlueLMProcessor
 
         cfg = loaded.config
-        if loaded.model.score is None:
-            raise ConfigError(f"reward model: '{loaded.path}' is not a reward run (model.reward_head: false)")
+        _require_head(loaded)
         if batch_size < 1:
             raise ConfigError(f"reward model: batch_size must be >= 1, got {batch_size}")
         self.config = cfg
@@ -75,23 +97,19 @@ class RewardModel:
         loaded = load_run(_checkpoint_of(path), key="reward model")
         model = cls(loaded, device, batch_size)
         if tokenizer is not None:
-            model.check_policy_tokenizer(tokenizer)
+            _check_policy_tokenizer(loaded, tokenizer)
         return model
 
-    def check_policy_tokenizer(self, tokenizer: Any) -> None:
-        from lit_bluelm.tokenizer import tokenizer_difference
+    @staticmethod
+    def check_run(path: str | Path, tokenizer: Any) -> None:
+        """What :meth:`from_run` with the policy's ``tokenizer`` refuses, read from the run's
+        saved config and tokenizer alone (no model is built, no weights are read): a start-up
+        check."""
+        from lit_bluelm.checkpoint import load_run
 
-        difference = tokenizer_difference(self.tokenizer, tokenizer)
-        if difference is not None:
-            raise ConfigError(
-                f"reward model: the tokenizer of '{self.path}' differs from the policy's: {difference}"
-            )
-        ours, theirs = self.tokenizer.chat_template, getattr(tokenizer, "chat_template", None)
-        if theirs is not None and ours != theirs:
-            raise ConfigError(
-                f"reward model: the chat template of '{self.path}' differs from the policy's "
-                "(another chat format or control-token placement, sft.think_token_position)"
-            )
+        loaded = load_run(_checkpoint_of(path), key="reward model", weights=False)
+        _require_head(loaded)
+        _check_policy_tokenizer(loaded, tokenizer)
 
     def encode(self, conversation: Conversation, images: Sequence[Image.Image] = ()) -> Any:
         """One conversation as the reward model reads it (a ValueError says what is wrong)."""
