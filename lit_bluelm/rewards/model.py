@@ -95,10 +95,9 @@ class RewardModel:
         from lit_bluelm.checkpoint import load_run
 
         loaded = load_run(_checkpoint_of(path), key="reward model")
-        model = cls(loaded, device, batch_size)
         if tokenizer is not None:
-            _check_policy_tokenizer(loaded, tokenizer)
-        return model
+            _check_policy_tokenizer(loaded, tokenizer)  # before the weights move to ``device``
+        return cls(loaded, device, batch_size)
 
     @staticmethod
     def check_run(path: str | Path, tokenizer: Any) -> None:
