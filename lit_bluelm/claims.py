@@ -4,7 +4,8 @@ A claim is a function of the :class:`Evidence` of one demo run (the stages' ``su
 records and the evaluation rows) that returns a :class:`Claim`, or None when the run holds no
 evidence for it (``make demo-seeds`` does not rerun the text stage, so the distillation claim is
 absent there). :data:`CLAIMS` is the one list ``make demo`` and ``make demo-seeds`` judge; a later
-stage adds its claims here. Over several seeds (:func:`over_seeds`) a claim judged on ``every``
+stage adds its claims here (GRPO's, :data:`RL_CLAIMS`, are judged by ``make demo-rl`` until they
+hold on every seed). Over several seeds (:func:`over_seeds`) a claim judged on ``every``
 seed is met when it holds on each one; one judged on the ``mean`` is computed once more on the
 seeds' mean evaluation rows (:func:`mean_rows`).
 """
@@ -242,7 +243,8 @@ def rl_rewards_rise(ev: Evidence) -> Optional[Claim]:
 
 
 # (claim, how it is judged over seeds: "every" seed or the seeds' "mean")
-CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
+ClaimFns = Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...]
+CLAIMS: ClaimFns = (
     (distilled_beats_scratch, "every"),
     (thinking_format, "every"),
     (think_gain, "every"),
@@ -256,17 +258,18 @@ CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
     (reward_per_type, "every"),
     (reward_pairs, "every"),
 )
-# GRPO's claims (issue 24), judged once the demo runs the RL stage: (claim, how over seeds)
-RL_CLAIMS: Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...] = (
+# GRPO's claims (issue 24), judged when the demo runs the RL stage (make demo-rl)
+RL_CLAIMS: ClaimFns = (
     (rl_sampled_gain, "every"),
     (rl_keeps_greedy, "every"),
     (rl_rewards_rise, "every"),
 )
 
 
-def judge(ev: Evidence) -> List[Claim]:
-    """Every claim of :data:`CLAIMS` that ``ev`` holds evidence for, in order."""
-    return [c for c in (fn(ev) for fn, _ in CLAIMS) if c is not None]
+def judge(ev: Evidence, claims: ClaimFns = CLAIMS) -> List[Claim]:
+    """Every claim of ``claims`` (:data:`CLAIMS`: ``make demo``'s) that ``ev`` holds evidence
+    for, in order."""
+    return [c for c in (fn(ev) for fn, _ in claims) if c is not None]
 
 
 def mean_rows(runs: Sequence[List[Row]]) -> List[Row]:
@@ -304,11 +307,12 @@ class SeedClaim:
     met: bool
 
 
-def over_seeds(runs: Sequence[Evidence]) -> List[SeedClaim]:
-    """Each claim over the seeds' runs: the mean and the min of its values, met as it is judged."""
+def over_seeds(runs: Sequence[Evidence], claim_fns: ClaimFns = CLAIMS) -> List[SeedClaim]:
+    """Each claim of ``claim_fns`` over the seeds' runs: the mean and the min of its values, met
+    as it is judged."""
     on_mean = Evidence(rows=mean_rows([ev.rows for ev in runs]))  # only "mean" claims read it
     out = []
-    for fn, judged_on in CLAIMS:
+    for fn, judged_on in claim_fns:
         claims = [fn(ev) for ev in runs]
         if not claims or any(c is None for c in claims):
             continue

@@ -1,6 +1,6 @@
 """The demo pipeline: every stage on the tiny model, each from the last, in one process.
 
-    python -m lit_bluelm.demo [--runs runs/demo] [--from RUN] [--seeds N] [key=value ...]
+    python -m lit_bluelm.demo [--runs runs/demo] [--from RUN] [--seeds N] [--rl] [key=value ...]
 
 Runs each stage of :data:`STAGES` as ``train.py`` would with the arguments it prints
 (``$ python train.py ...``), into ``<runs>/<name>``: a larger stage-1
@@ -25,6 +25,11 @@ with ``seed`` and ``data.seed`` set to 1234 + k into ``<runs>_seed<k>`` (k = 1..
 each claim's mean and min over the seeds; with ``--from RUN`` (a later stage or an evaluation)
 each seed's folder is rerun from there on. ``key=value`` arguments are added to every stage
 (``trainer.max_steps=2`` for a smoke run; ``data.demo_dir=`` also moves the evaluation's tasks).
+``--rl`` (``make demo-rl``) adds GRPO (:data:`RL_STAGE`: ``runs/demo/rl`` from the SFT
+checkpoint, the open questions scored by the reward run), its evaluations
+(:data:`RL_STAGE_EVALS`) and its claims (``lit_bluelm.claims.RL_CLAIMS``) to the pipeline:
+``--rl --from rl`` after a ``make demo`` runs only them. It is not in the default pipeline until
+its claims hold on every seed and the whole demo fits its 20 minutes with it (issue 24).
 One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
 """
 
@@ -39,7 +44,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lit_bluelm.claims import Claim, Evidence, claims_block, format_failures, judge, over_seeds, seeds_block
+from lit_bluelm.claims import (
+    CLAIMS,
+    RL_CLAIMS,
+    Claim,
+    ClaimFns,
+    Evidence,
+    claims_block,
+    format_failures,
+    judge,
+    over_seeds,
+    seeds_block,
+)
 from lit_bluelm.errors import ConfigError
 from lit_bluelm.report import REPORT_JSON, SEEDS_JSON, machine, stamp, write_report
 from lit_bluelm.summary import write_json
@@ -77,8 +93,9 @@ STAGES: Tuple[Stage, ...] = (
     # the reward model: the SFT model with a scalar head, on held-out preference pairs
     Stage("reward", ("stage=reward", f"init_from={_last('sft')}")),
 )
-# GRPO (stage=rl) joins STAGES when its claims hold on every seed (issue 24): from the SFT
-# checkpoint, the open questions scored by the reward run, exact match logged beside it
+# GRPO (stage=rl), in the pipeline with --rl (make demo-rl) until its claims hold on every seed
+# (issue 24): from the SFT checkpoint, the open questions scored by the reward run, exact match
+# logged beside it
 RL_STAGE = Stage(
     "rl",
     (
@@ -101,26 +118,42 @@ PASSKEY = {
     "passkey_before": ("reasoning", ("extrapolate=true", PASSKEY_FACTORS)),
     "passkey_after": ("long_context", (PASSKEY_FACTORS,)),
 }
-# evaluations beside the SFT one: name -> (the stage whose checkpoint, more evaluate arguments),
-# into <runs>/<name>; none until RL_STAGE joins STAGES, then RL_STAGE_EVALS: the RL checkpoint
-# evaluated like the SFT one (greedy) and both sampled (T=1, 4 samples) on think-mode demo_arith
-# at the largest budget
+# GRPO's evaluations beside the SFT one: name -> (the stage whose checkpoint, more evaluate
+# arguments), into <runs>/<name>: the RL checkpoint evaluated like the SFT one (greedy) and both
+# sampled (T=1, 4 samples) on think-mode demo_arith at the largest budget
 SAMPLED = ("tasks=[demo_arith]", "modes=[think]", "budgets=[128]", "samples=4", "temperature=1.0")
 RL_STAGE_EVALS = {
     "eval_rl": ("rl", ()),
     "eval_sft_sampled": ("sft", SAMPLED),
     "eval_rl_sampled": ("rl", SAMPLED),
 }
-RL_EVALS: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
-EVALS = (EVAL, *PASSKEY, *RL_EVALS)  # --from any of them reruns them all (two minutes)
 PASSKEY_SETTINGS: Tuple[str, ...] = ()  # more evaluate arguments (none: the task's lengths, depths, trials)
 DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses DEFAULT_SEED + k
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a demo run covers: its stages, the evaluations beside the SFT one and the passkey
+    ones (name -> (stage, more evaluate arguments)) and the claims it judges."""
+
+    stages: Tuple[Stage, ...]
+    evals: Dict[str, Tuple[str, Tuple[str, ...]]]
+    claims: ClaimFns
+
+    @property
+    def eval_names(self) -> Tuple[str, ...]:
+        """Every evaluation: ``--from`` any of them reruns them all (two minutes)."""
+        return (EVAL, *PASSKEY, *self.evals)
+
+
+DEMO = Plan(STAGES, {}, CLAIMS)  # make demo
+DEMO_RL = Plan((*STAGES, RL_STAGE), RL_STAGE_EVALS, (*CLAIMS, *RL_CLAIMS))  # make demo-rl
+
+
 def eval_argv(runs: str, demo_dir: str, name: str = EVAL) -> List[str]:
     """The ``python -m lit_bluelm.evaluate`` arguments of the demo's evaluation ``name`` (the SFT
-    checkpoint's, or one of :data:`RL_EVALS`); the last value of a key counts."""
-    stage, settings = RL_EVALS.get(name, ("sft", ()))
+    checkpoint's, or one of :data:`RL_STAGE_EVALS`); the last value of a key counts."""
+    stage, settings = RL_STAGE_EVALS.get(name, ("sft", ()))
     return [
         f"ckpt={runs}/{stage}/checkpoints/last.ckpt",
         f"out={runs}/{name}",
@@ -156,9 +189,11 @@ def run_eval(runs: str, demo_dir: str) -> list:
     return _evaluate(eval_argv(runs, demo_dir))
 
 
-def run_evals(runs: str, demo_dir: str, seconds: Dict[str, float]) -> Tuple[list, dict, dict]:
-    """The demo's evaluations (:data:`EVALS`): the SFT rows, the passkey rows by "before" /
-    "after" and the rows of :data:`RL_EVALS` by name; the time of each goes into ``seconds``."""
+def run_evals(
+    runs: str, demo_dir: str, seconds: Dict[str, float], plan: Plan = DEMO
+) -> Tuple[list, dict, dict]:
+    """The evaluations of ``plan``: the SFT rows, the passkey rows by "before" / "after" and the
+    rows of ``plan.evals`` by name; the time of each goes into ``seconds``."""
     passkey, evals = {}, {}
     began = time.time()
     rows = run_eval(runs, demo_dir)
@@ -167,11 +202,11 @@ def run_evals(runs: str, demo_dir: str, seconds: Dict[str, float]) -> Tuple[list
         began = time.time()
         passkey[name.split("_", 1)[1]] = _evaluate(passkey_argv(runs, name))
         seconds[name] = time.time() - began
-    for name in RL_EVALS:
+    for name in plan.evals:
         began = time.time()
         evals[name] = _evaluate(eval_argv(runs, demo_dir, name))
         seconds[name] = time.time() - began
-    for name in EVALS:
+    for name in plan.eval_names:
         print(f"{name}: {seconds[name]:.0f}s", flush=True)
     return rows, passkey, evals
 
@@ -183,17 +218,19 @@ def stage_argv(stage: Stage, runs: str, extra: Sequence[str] = (), base: Optiona
     return args + [f"run_dir={runs}/{stage.name}", *extra, *(() if stage.trains else VALIDATE_ONLY)]
 
 
-def first_stage(start: Optional[str], runs: str, skip: int = 0) -> int:
-    """The index of the stage ``--from`` names; the runs before it (from ``STAGES[skip]`` on: a
-    seed's folder holds the stages after the text stage) must have finished."""
+def first_stage(start: Optional[str], runs: str, skip: int = 0, plan: Plan = DEMO) -> int:
+    """The index of the stage of ``plan`` that ``--from`` names; the runs before it (from
+    ``plan.stages[skip]`` on: a seed's folder holds the stages after the text stage) must have
+    finished."""
     if not start:
         return 0
     name = Path(start).name
-    names = [s.name for s in STAGES] + list(EVALS)
+    names = [s.name for s in plan.stages] + list(plan.eval_names)
     if name not in names:
-        raise ConfigError(f"--from: unknown run '{start}'; valid: {', '.join(names)}")
+        more = " (GRPO's runs are in the pipeline with --rl: make demo-rl)" if plan is DEMO else ""
+        raise ConfigError(f"--from: unknown run '{start}'; valid: {', '.join(names)}{more}")
     index = names.index(name)
-    for stage in STAGES[skip : min(index, len(STAGES))]:
+    for stage in plan.stages[skip : min(index, len(plan.stages))]:
         ckpt = Path(runs) / stage.name / "checkpoints" / "last.ckpt"
         summary = Path(runs) / stage.name / "summary.json"
         if not summary.is_file() or (stage.trains and not ckpt.exists()):
@@ -250,30 +287,31 @@ def report_claims(claims: Sequence[Claim], rows: list) -> None:
     print("\n" + claims_block(claims), flush=True)
 
 
-def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> int:
-    """``make demo``: the stages from ``start`` on, the evaluation, the table, the claims and
-    ``<runs>/report.md``; 0 when every claim is met, 1 when one is missed."""
+def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str, plan: Plan = DEMO) -> int:
+    """``make demo`` (``make demo-rl``: ``plan`` DEMO_RL): the stages of ``plan`` from ``start``
+    on, the evaluations, the table, the claims and ``<runs>/report.md``; 0 when every claim is
+    met, 1 when one is missed."""
     from lit_bluelm.summary import check_better, print_table
 
     previous = Path(runs) / REPORT_JSON  # the times of stages that --from does not rerun
     seconds = json.loads(previous.read_text()).get("seconds", {}) if start and previous.is_file() else {}
-    ran, code = run_stages(STAGES[start:], runs, overrides)
+    ran, code = run_stages(plan.stages[start:], runs, overrides)
     seconds.update(ran)
     if code:
         return code
-    rows, passkey, evals = run_evals(runs, demo_dir, seconds)
+    rows, passkey, evals = run_evals(runs, demo_dir, seconds, plan)
     print()
-    print_table([f"{runs}/{s.name}" for s in STAGES])
+    print_table([f"{runs}/{s.name}" for s in plan.stages])
     check_better(*(f"{runs}/{name}" for name in BETTER))
-    claims = judge(evidence(runs, STAGES, rows, passkey, evals))
+    claims = judge(evidence(runs, plan.stages, rows, passkey, evals), plan.claims)
     report_claims(claims, rows)
     record = {
         **stamp(),
         "machine": machine(),
-        "runs": [f"{runs}/{s.name}" for s in STAGES],
+        "runs": [f"{runs}/{s.name}" for s in plan.stages],
         "eval": f"{runs}/{EVAL}",
         "passkey": {name: f"{runs}/{name}" for name in PASSKEY},
-        "evals": {name: f"{runs}/{name}" for name in RL_EVALS},
+        "evals": {name: f"{runs}/{name}" for name in plan.evals},
         "seconds": {name: round(sec, 1) for name, sec in seconds.items()},
         "claims": [asdict(c) for c in claims],
     }
@@ -282,7 +320,9 @@ def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str) -> 
     return 0 if all(c.met for c in claims) else 1
 
 
-def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str, start: Optional[str] = None) -> int:
+def seed_runs(
+    runs: str, n: int, overrides: Sequence[str], demo_dir: str, start: Optional[str] = None, plan: Plan = DEMO
+) -> int:
     """``make demo-seeds``: the stages after the text stage (started from ``<runs>/text``, trained
     first when it has not finished) with ``n`` seeds into ``<runs>_seed<k>``; the claims of each
     seed, then each claim's mean and min over the seeds. 0 when every claim is met. ``start`` (a
@@ -290,15 +330,16 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str, start:
     reusing its earlier runs, which must have finished."""
     folders = [f"{runs}_seed{k}" for k in range(1, n + 1)]
     if start:
-        first = [first_stage(start, folder, TEXT_STAGES) for folder in folders]  # refuses before any work
+        # refuses before any work
+        first = [first_stage(start, folder, TEXT_STAGES, plan) for folder in folders]
         if min(first) < TEXT_STAGES:
             raise ConfigError(f"--seeds --from {start}: the seeds rerun the stages after the text stage")
     else:
         first = [TEXT_STAGES] * n
         try:
-            first_stage(STAGES[TEXT_STAGES].name, runs)
+            first_stage(plan.stages[TEXT_STAGES].name, runs, plan=plan)
         except ConfigError:
-            _, code = run_stages(STAGES[:TEXT_STAGES], runs, overrides)
+            _, code = run_stages(plan.stages[:TEXT_STAGES], runs, overrides)
             if code:
                 return code
     began_all = time.time()
@@ -307,14 +348,14 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str, start:
     for k, seed in enumerate(seeds, start=1):
         folder = folders[k - 1]
         extra = [*overrides, f"seed={seed}", f"data.seed={seed}"]
-        _, code = run_stages(STAGES[first[k - 1] :], folder, extra, base=runs)
+        _, code = run_stages(plan.stages[first[k - 1] :], folder, extra, base=runs)
         if code:
             return code
-        ev = evidence(folder, STAGES[TEXT_STAGES:], *run_evals(folder, demo_dir, {}))
+        ev = evidence(folder, plan.stages[TEXT_STAGES:], *run_evals(folder, demo_dir, {}, plan))
         per_seed.append(ev)
         print(f"\nseed {seed} ({folder}):")
-        report_claims(judge(ev), ev.rows)
-    claims = over_seeds(per_seed)
+        report_claims(judge(ev, plan.claims), ev.rows)
+    claims = over_seeds(per_seed, plan.claims)
     print("\n" + seeds_block(claims, seeds), flush=True)
     record = {
         **stamp(),
@@ -323,7 +364,7 @@ def seed_runs(runs: str, n: int, overrides: Sequence[str], demo_dir: str, start:
         "folders": folders,
         "seconds": round(time.time() - began_all, 1),
         "claims": [asdict(c) for c in claims],
-        "per_seed": [[asdict(c) for c in judge(ev)] for ev in per_seed],
+        "per_seed": [[asdict(c) for c in judge(ev, plan.claims)] for ev in per_seed],
     }
     write_json(Path(runs) / SEEDS_JSON, record)
     if (Path(runs) / REPORT_JSON).is_file():
@@ -340,18 +381,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--seeds", type=int, metavar="N", help="rerun the stages after the text stage with N seeds"
     )
+    parser.add_argument(
+        "--rl", action="store_true", help="add GRPO, its evaluations and its claims (make demo-rl)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="added to every stage")
     args = parser.parse_args(argv)
     runs = args.runs.rstrip("/")
     demo_dir = next(
         (a.split("=", 1)[1] for a in args.overrides if a.startswith("data.demo_dir=")), "data/demo"
     )
+    plan = DEMO_RL if args.rl else DEMO
     try:
         if args.seeds is not None:
             if args.seeds < 1:
                 raise ConfigError("--seeds: a number >= 1")
-            return seed_runs(runs, args.seeds, args.overrides, demo_dir, args.start)
-        return pipeline(runs, first_stage(args.start, runs), args.overrides, demo_dir)
+            return seed_runs(runs, args.seeds, args.overrides, demo_dir, args.start, plan)
+        return pipeline(runs, first_stage(args.start, runs, plan=plan), args.overrides, demo_dir, plan)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

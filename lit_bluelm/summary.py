@@ -59,7 +59,8 @@ def _count(value: Optional[float]) -> str:
 
 def print_table(runs: List[str]) -> None:
     """One row per run: stage, objective, steps, validation loss before and after (and by source;
-    a reward run also its held-out pair accuracy before and after)."""
+    a reward run also its held-out pair accuracy before and after, a GRPO run its held-out reward
+    and sampled accuracy)."""
     print(
         f"{'run':<32} {'stage':<8} {'module':<10} {'steps':>6} {'val_loss_before':>16} {'val_loss_after':>15}"
     )
@@ -75,7 +76,18 @@ def print_table(runs: List[str]) -> None:
                 f"{'':<32} val_loss_after by source: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items())
             )
-        if "val_accuracy_after" in s:  # a reward run: held-out pairs ranked right
+        if "val_reward_after" in s:  # a GRPO run: held-out rollouts' reward and sampled pass@1
+            by_task = s.get("val_reward_after_by_source") or {}
+            print(
+                f"{'':<32} val_reward {_fmt(s.get('val_reward_before'))} -> {_fmt(s.get('val_reward_after'))}"
+                + (
+                    " (by task: " + ", ".join(f"{k} {v:.4f}" for k, v in by_task.items()) + ")"
+                    if by_task
+                    else ""
+                )
+                + f", val_accuracy {_fmt(s.get('val_accuracy_before'))} -> {_fmt(s.get('val_accuracy_after'))}"
+            )
+        elif "val_accuracy_after" in s:  # a reward run: held-out pairs ranked right
             by_source = s.get("val_accuracy_after_by_source") or {}
             print(
                 f"{'':<32} val_accuracy {_fmt(s.get('val_accuracy_before'))} -> "

@@ -6,9 +6,8 @@ import json
 import pytest
 
 from datamodules.demo import DemoSpec, write_demo
-from lit_bluelm import claims as claims_module
 from lit_bluelm import demo
-from lit_bluelm.claims import CLAIMS
+from lit_bluelm.claims import CLAIMS, RL_CLAIMS
 from lit_bluelm.errors import ConfigError
 
 # the stage yamls read 8 train and 4 val shards of each source
@@ -43,7 +42,7 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     assert claims["text: distilled val/loss < scratch's"]["met"] == (distilled < scratch)
     assert len(claims) == len(CLAIMS)  # the whole pipeline holds evidence for every claim
     assert rc == (0 if all(c["met"] for c in claims.values()) else 1)
-    assert set(report["seconds"]) == {s.name for s in demo.STAGES} | set(demo.EVALS)
+    assert set(report["seconds"]) == {s.name for s in demo.STAGES} | set(demo.DEMO.eval_names)
     for name in demo.PASSKEY:
         rows = json.loads((runs / name / "results.json").read_text())["results"]
         assert [(r["length_factor"], r["depth"], r["n"]) for r in rows] == [(1.0, 0.5, 1), (4.0, 0.5, 1)]
@@ -109,13 +108,11 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     out = capsys.readouterr().out
     assert "stage=reward" in out and "stage=sft" not in out and "claims over seeds" in out
 
-    # GRPO joins the pipeline as it will once its claims hold (issue 24): the stage from the SFT
-    # checkpoint with the reward run, its evaluations and its claims
-    monkeypatch.setattr(demo, "STAGES", (*demo.STAGES, demo.RL_STAGE))
-    monkeypatch.setattr(demo, "RL_EVALS", demo.RL_STAGE_EVALS)
-    monkeypatch.setattr(demo, "EVALS", (*demo.EVALS, *demo.RL_STAGE_EVALS))
-    monkeypatch.setattr(claims_module, "CLAIMS", (*CLAIMS, *claims_module.RL_CLAIMS))
-    demo.main(["--runs", str(runs), "--from", "rl", *args[2:]])
+    # make demo-rl after make demo: GRPO from the SFT checkpoint with the reward run, its
+    # evaluations and its claims (make demo alone knows no run named rl)
+    assert demo.main(["--runs", str(runs), "--from", "rl", *args[2:]]) == 2
+    assert "unknown run 'rl'" in capsys.readouterr().err
+    rc = demo.main(["--runs", str(runs), "--rl", "--from", "rl", *args[2:]])
     rl_config = (runs / "rl" / "config.yaml").read_text()
     assert (
         f"init_from: {runs}/sft/checkpoints/last.ckpt" in rl_config and f"model: {runs}/reward" in rl_config
@@ -126,8 +123,13 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
         ("demo_arith", "think", 128, 16)
     ]
     report = json.loads((runs / "report.json").read_text())
-    names = {c["name"] for c in report["claims"]}
-    assert len(names) == len(claims_module.CLAIMS) and set(report["evals"]) == set(demo.RL_STAGE_EVALS)
+    names = [c["name"] for c in report["claims"]]
+    assert len(names) == len(CLAIMS) + len(RL_CLAIMS) and set(report["evals"]) == set(demo.RL_STAGE_EVALS)
+    assert any(name.startswith("rl: ") for name in names)
+    assert rc == (0 if all(c["met"] for c in report["claims"]) else 1)
+    assert {"rl", *demo.RL_STAGE_EVALS} <= set(report["seconds"])
+    out = capsys.readouterr().out
+    assert "rl: each route's reward" in out and f"{runs}/rl " in out and "val_reward " in out
 
 
 def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
