@@ -133,8 +133,8 @@ DEFAULT_SEED = 1234  # the config's ``seed`` and ``data.seed``; seed run k uses 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a demo run covers: its stages, the evaluations beside the SFT one and the passkey
-    ones (name -> (stage, more evaluate arguments)) and the claims it judges."""
+    """What a demo run covers: its stages, its evaluations besides the SFT and passkey ones that
+    every run has (name -> (stage, more evaluate arguments)) and the claims it judges."""
 
     stages: Tuple[Stage, ...]
     evals: Dict[str, Tuple[str, Tuple[str, ...]]]
