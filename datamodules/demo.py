@@ -68,6 +68,7 @@ from datamodules.demo_tasks import (
     preference_pair,
     rl_prompt,
     scene,
+    slipped,
     task_makers,
 )
 from lit_bluelm.chat import cot_messages, render_chat
@@ -83,14 +84,19 @@ MARKER = ".complete"
 # image and thinks one short sentence, SFT task shares arith 0.25, count 0.45, colour 0.2, open
 # 0.1, three times the SFT conversations, 10: passkey and long documents, the tokenizer trained
 # on some of them, 11: preference pairs, which leave every earlier shard and the tokenizer as
-# they were, 12: RL prompts, likewise); older sets are rewritten
-VERSION = 12
+# they were, 12: RL prompts, likewise, 13: a fifth of the thinking-mode SFT sums worked with a
+# slip, which leaves every other shard and the tokenizer as they were); older sets are rewritten
+VERSION = 13
 # the tasks of an SFT conversation, with their shares
 # (colour at 0.15 left the chat-format colour answer half learned on some runs, 0.51, though the
 # same checkpoint named the colour in pre-training's words at 0.99; at 0.25 it read 0.99; counting
 # a named colour is the slowest skill to learn, docs/stages.md: at 0.25 it stayed at the majority
 # answer, at 0.45 over 1,800 steps it passed 0.70 on three seeds)
 SFT_TASKS = {"demo_arith": 0.25, "demo_count": 0.45, "demo_color": 0.2, "demo_open": 0.1}
+# the share of the thinking-mode SFT sums worked with one slip (datamodules.demo_tasks.slipped): SFT
+# imitates its data, slips included, and repeats them when it samples; GRPO's verifiable reward is
+# what teaches past them (docs/stages.md, Stage 6)
+SLIP_RATE = 0.2
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -212,6 +218,16 @@ def sft_conversation(
     return messages, item
 
 
+def with_slip(messages: List[Dict[str, str]], item: Item) -> List[Dict[str, str]]:
+    """A thinking-mode conversation whose final sum is, for :data:`SLIP_RATE` of the sums, worked
+    with a slip (its own draws, from the sum: every other sample stays as it was)."""
+    slips = random.Random(f"slip/{item.key}")
+    if item.task != "demo_arith" or slips.random() >= SLIP_RATE:
+        return messages
+    item = slipped(item, slips)
+    return [*messages[:-1], {**messages[-1], "thinking": item.thinking, "content": item.answer}]
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -283,7 +299,9 @@ def _sft_samples(think: bool):
     def samples(rng: random.Random, ctx: _Context, prefix: str, n: int) -> Iterator[Dict]:
         for i in range(n):
             messages, item = sft_conversation(rng, ctx.makers, ctx.held_out, think)
-            ctx.texts.append(render_chat(messages))
+            ctx.texts.append(render_chat(messages))  # the tokenizer learns from the clean replies
+            if think:
+                messages = with_slip(messages, item)
             yield _json_sample(f"{prefix}-{i:05d}", {"messages": messages, "task": item.task}, item.image)
 
     return samples

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -161,20 +162,58 @@ def color_question(objects: List[Obj], color: str) -> Tuple[str, int]:
 # ----------------------------------------------------------------------------- the tasks
 
 
+def sum_steps(numbers: List[int], slip: Optional[Tuple[int, int]] = None) -> Tuple[str, int]:
+    """The thinking of a sum (a running total; a two-digit number's tens, then its ones) and the
+    total it ends on. ``slip=(k, by)``: the k-th result written (0-based) is off by ``by`` and the
+    chain carries on from it, as a teacher's slip would."""
+    steps: List[str] = []
+    results = 0
+
+    def result(value: int) -> int:
+        nonlocal results
+        results += 1
+        return value + slip[1] if slip is not None and results - 1 == slip[0] else value
+
+    total = numbers[0]
+    for x in numbers[1:]:
+        tens = x // 10 * 10
+        if x >= 10 and x % 10:  # a two-digit number: its tens, then its ones
+            before, mid = total, result(total + tens)
+            total = result(mid + x % 10)
+            steps.append(f"{before} + {tens} = {mid}, {mid} + {x % 10} = {total}.")
+        else:
+            before, total = total, result(total + x)
+            steps.append(f"{before} + {x} = {total}.")
+    return " ".join(steps), total
+
+
+def sum_results(numbers: List[int]) -> int:
+    """How many results the thinking of a sum writes (the places a slip can be)."""
+    return sum(2 if x >= 10 and x % 10 else 1 for x in numbers[1:])
+
+
 def arith_item(rng: random.Random) -> Item:
     numbers = [
         rng.randint(1, 9) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(rng.randint(3, 5))
     ]
-    steps, total = [], numbers[0]
-    for x in numbers[1:]:
-        tens = x // 10 * 10
-        if x >= 10 and x % 10:  # a two-digit number: its tens, then its ones
-            steps.append(f"{total} + {tens} = {total + tens}, {total + tens} + {x % 10} = {total + x}.")
-        else:
-            steps.append(f"{total} + {x} = {total + x}.")
-        total += x
+    thinking, total = sum_steps(numbers)
     prompt = f"What is {' + '.join(map(str, numbers))}?"
-    return Item("demo_arith", prompt, " ".join(steps), str(total), sum_key(numbers))
+    return Item("demo_arith", prompt, thinking, str(total), sum_key(numbers))
+
+
+SLIPS = (-10, -1, 1, 10)  # how far a slipped result is off: a carry or a last digit
+
+
+def slipped(item: Item, rng: random.Random) -> Item:
+    """``item`` (a ``demo_arith`` one) worked with one slip at a random result (off by one of
+    :data:`SLIPS`, never below 1), the answer the chain's: a wrong worked solution, as an
+    unfiltered teacher writes some."""
+    numbers = [int(x) for x in item.key.removeprefix("sum:").split("+")]
+    while True:
+        k, by = rng.randrange(sum_results(numbers)), rng.choice(SLIPS)
+        thinking, total = sum_steps(numbers, (k, by))
+        if all(int(n) > 0 for n in re.findall(r"-?\d+", thinking)):
+            return Item(item.task, item.prompt, thinking, str(total), item.key)
 
 
 def count_item(rng: random.Random) -> Item:

@@ -1,9 +1,11 @@
 """The demo data: held-out evaluation items (format, size, kept out of every shard by content),
-the tasks' worked thinking, and single-digit numbers in the demo tokenizer."""
+the tasks' worked thinking, the slipped sums of thinking-mode SFT, and single-digit numbers in the
+demo tokenizer."""
 
 import io
 import json
 import random
+import re
 import tarfile
 
 import pytest
@@ -21,6 +23,8 @@ from datamodules.demo_tasks import (
     held_out_items,
     image_key,
     scene,
+    slipped,
+    sum_steps,
 )
 from lit_bluelm.tokenizer import load_tokenizer
 
@@ -112,6 +116,49 @@ def test_the_worked_thinking_of_each_task():
     assert counted.thinking == f"I count the {color} shapes in the image: {count}." and counted.answer == str(
         count
     )
+
+
+def _wrong_results(thinking):
+    """The written results ``a + b = c`` of a sum's thinking where c != a + b."""
+    found = re.findall(r"(\d+) \+ (\d+) = (\d+)", thinking)
+    assert found
+    return [(a, b, c) for a, b, c in found if int(a) + int(b) != int(c)]
+
+
+def test_a_slipped_sum_is_off_at_one_result_and_carries_on_from_it():
+    numbers = [26, 8, 18]
+    assert sum_steps(numbers) == ("26 + 8 = 34. 34 + 10 = 44, 44 + 8 = 52.", 52)
+    # the second result written (the tens of 18) off by 10: the chain and the answer follow it
+    assert sum_steps(numbers, (1, 10)) == ("26 + 8 = 34. 34 + 10 = 54, 54 + 8 = 62.", 62)
+    assert sum_steps(numbers, (0, -1)) == ("26 + 8 = 33. 33 + 10 = 43, 43 + 8 = 51.", 51)
+    for seed in range(50):
+        item = arith_item(random.Random(seed))
+        slip = slipped(item, random.Random(seed))
+        assert (slip.prompt, slip.key, slip.task) == (item.prompt, item.key, item.task)
+        [(a, b, c)] = _wrong_results(slip.thinking)
+        assert int(c) - int(a) - int(b) in (-10, -1, 1, 10) and int(c) > 0
+        assert slip.thinking.endswith(f"= {slip.answer}.") and slip.answer != item.answer
+
+
+def test_a_fifth_of_the_thinking_mode_sft_sums_hold_a_slip(demo_dir):
+    by_mode = {}
+    for mode in ("sft_think", "sft_nothink"):
+        replies = []
+        for shard in sorted((demo_dir / "train").glob(f"{mode}-*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(member).read())
+                        if meta["task"] == "demo_arith":
+                            replies.append(meta["messages"][-1])
+        by_mode[mode] = replies
+    think = by_mode["sft_think"]
+    wrong = [r for r in think if _wrong_results(r["thinking"])]
+    assert len(think) >= 50 and 0.1 <= len(wrong) / len(think) <= 0.3, (len(wrong), len(think))
+    for reply in think:  # one slip at most, and the answer is where the chain ends
+        assert len(_wrong_results(reply["thinking"])) <= 1
+        assert reply["thinking"].endswith(f"= {reply['content']}.")
+    assert by_mode["sft_nothink"] and all("thinking" not in r for r in by_mode["sft_nothink"])
 
 
 def _cell_colours(image):
