@@ -22,9 +22,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) $(if $(FROM),--from $(FROM))
 
-# The pipeline with GRPO (issue 24: not in make demo until its claims hold on every seed and it
-# fits the demo's 20 minutes): runs/demo/rl from the SFT checkpoint, its evaluations and claims.
-# After a make demo, FROM=rl runs only them (about 4 minutes).
+# What make demo-rl ran before GRPO joined make demo: the same as make demo (kept for scripts).
 demo-rl: $(STAMP)
 	$(BIN)/python -m lit_bluelm.demo --runs $(DEMO_RUNS) --rl $(if $(FROM),--from $(FROM))
 

@@ -4,10 +4,9 @@ A claim is a function of the :class:`Evidence` of one demo run (the stages' ``su
 records and the evaluation rows) that returns a :class:`Claim`, or None when the run holds no
 evidence for it (``make demo-seeds`` does not rerun the text stage, so the distillation claim is
 absent there). :data:`CLAIMS` is the one list ``make demo`` and ``make demo-seeds`` judge; a later
-stage adds its claims here (GRPO's, :data:`RL_CLAIMS`, are judged by ``make demo-rl`` until they
-hold on every seed). Over several seeds (:func:`over_seeds`) a claim judged on ``every``
-seed is met when it holds on each one; one judged on the ``mean`` is computed once more on the
-seeds' mean evaluation rows (:func:`mean_rows`).
+stage adds its claims here (GRPO's, the last ones, are also :data:`RL_CLAIMS`). Over several seeds
+(:func:`over_seeds`) a claim judged on ``every`` seed is met when it holds on each one; one judged
+on the ``mean`` is computed once more on the seeds' mean evaluation rows (:func:`mean_rows`).
 """
 
 from __future__ import annotations
@@ -244,6 +243,12 @@ def rl_rewards_rise(ev: Evidence) -> Optional[Claim]:
 
 # (claim, how it is judged over seeds: "every" seed or the seeds' "mean")
 ClaimFns = Tuple[Tuple[Callable[[Evidence], Optional[Claim]], str], ...]
+# GRPO's claims (the last of CLAIMS)
+RL_CLAIMS: ClaimFns = (
+    (rl_sampled_gain, "every"),
+    (rl_keeps_greedy, "every"),
+    (rl_rewards_rise, "every"),
+)
 CLAIMS: ClaimFns = (
     (distilled_beats_scratch, "every"),
     (thinking_format, "every"),
@@ -257,12 +262,7 @@ CLAIMS: ClaimFns = (
     (reward_accuracy, "every"),
     (reward_per_type, "every"),
     (reward_pairs, "every"),
-)
-# GRPO's claims (issue 24), judged when the demo runs the RL stage (make demo-rl)
-RL_CLAIMS: ClaimFns = (
-    (rl_sampled_gain, "every"),
-    (rl_keeps_greedy, "every"),
-    (rl_rewards_rise, "every"),
+    *RL_CLAIMS,
 )
 
 

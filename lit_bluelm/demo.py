@@ -7,12 +7,14 @@ Runs each stage of :data:`STAGES` as ``train.py`` would with the arguments it pr
 teacher, the tiny student trained from scratch (the baseline), the student pruned out of the
 teacher and distilled, joint pre-training, the reasoning stage, the long-context stage (YaRN,
 rows of 4x the original context), the long-context model validated on the reasoning stage's
-sources (``long_context_short``: ``trainer.max_steps=0``, no training), SFT and the reward
-model (from the SFT checkpoint, on the demo's preference pairs); then it
+sources (``long_context_short``: ``trainer.max_steps=0``, no training), SFT, the reward
+model (from the SFT checkpoint, on the demo's preference pairs) and GRPO (:data:`RL_STAGE`:
+``runs/demo/rl`` from the SFT checkpoint, the open questions scored by the reward run); then it
 evaluates the SFT checkpoint (``eval_sft``: every demo task, both modes, budgets 0/8/32/128) and
 passkey retrieval before the context switch (``passkey_before``: the reasoning checkpoint,
-``extrapolate=true``) and after it (``passkey_after``: the long-context checkpoint). It ends with
-the table of ``lit_bluelm.summary`` and the block of claims (:mod:`lit_bluelm.claims`: ``claim ...
+``extrapolate=true``) and after it (``passkey_after``: the long-context checkpoint), and GRPO's
+evaluations (:data:`RL_STAGE_EVALS`: the RL checkpoint like the SFT one, and both sampled). It ends
+with the table of ``lit_bluelm.summary`` and the block of claims (:mod:`lit_bluelm.claims`: ``claim ...
 target ... measured ... met|missed``), writes ``<runs>/report.md`` (:mod:`lit_bluelm.report`) and
 exits 1 when a claim is missed.
 
@@ -25,11 +27,8 @@ with ``seed`` and ``data.seed`` set to 1234 + k into ``<runs>_seed<k>`` (k = 1..
 each claim's mean and min over the seeds; with ``--from RUN`` (a later stage or an evaluation)
 each seed's folder is rerun from there on. ``key=value`` arguments are added to every stage
 (``trainer.max_steps=2`` for a smoke run; ``data.demo_dir=`` also moves the evaluation's tasks).
-``--rl`` (``make demo-rl``) adds GRPO (:data:`RL_STAGE`: ``runs/demo/rl`` from the SFT
-checkpoint, the open questions scored by the reward run), its evaluations
-(:data:`RL_STAGE_EVALS`) and its claims (``lit_bluelm.claims.RL_CLAIMS``) to the pipeline:
-``--rl --from rl`` after a ``make demo`` runs only them. It is not in the default pipeline until
-its claims hold on every seed and the whole demo fits its 20 minutes with it (issue 24).
+``--rl`` (``make demo-rl``, which added GRPO before it joined the pipeline) is accepted and
+changes nothing; ``--from rl`` runs only GRPO and the evaluations.
 One process keeps Python's start-up (about 12 seconds of imports) out of every stage.
 """
 
@@ -46,7 +45,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from lit_bluelm.claims import (
     CLAIMS,
-    RL_CLAIMS,
     Claim,
     ClaimFns,
     Evidence,
@@ -75,6 +73,17 @@ def _last(name: str) -> str:
     return f"{{runs}}/{name}/checkpoints/last.ckpt"
 
 
+# GRPO (stage=rl): from the SFT checkpoint, the open questions scored by the reward run, exact
+# match logged beside it
+RL_STAGE = Stage(
+    "rl",
+    (
+        "stage=rl",
+        f"init_from={_last('sft')}",
+        "rewards.model={runs}/reward",
+        "rewards.routes.demo_open=[{{fn: reward_model, weight: 1.0}}, {{fn: exact, weight: 0.0}}]",
+    ),
+)
 STAGES: Tuple[Stage, ...] = (
     Stage("text_teacher", ("stage=text", "module=next_token", "model=tiny_teacher")),
     Stage("text_scratch", ("stage=text", "module=next_token")),
@@ -92,18 +101,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("sft", ("stage=sft", f"init_from={_last('long_context')}")),
     # the reward model: the SFT model with a scalar head, on held-out preference pairs
     Stage("reward", ("stage=reward", f"init_from={_last('sft')}")),
-)
-# GRPO (stage=rl), in the pipeline with --rl (make demo-rl) until its claims hold on every seed
-# (issue 24): from the SFT checkpoint, the open questions scored by the reward run, exact match
-# logged beside it
-RL_STAGE = Stage(
-    "rl",
-    (
-        "stage=rl",
-        f"init_from={_last('sft')}",
-        "rewards.model={runs}/reward",
-        "rewards.routes.demo_open=[{{fn: reward_model, weight: 1.0}}, {{fn: exact, weight: 0.0}}]",
-    ),
+    RL_STAGE,
 )
 BETTER = ("text", "text_scratch")  # the distilled student must beat the one trained from scratch
 TEXT_STAGES = 3  # STAGES[:3] train the text stage; make demo-seeds reruns the ones after them
@@ -146,8 +144,8 @@ class Plan:
         return (EVAL, *PASSKEY, *self.evals)
 
 
-DEMO = Plan(STAGES, {}, CLAIMS)  # make demo
-DEMO_RL = Plan((*STAGES, RL_STAGE), RL_STAGE_EVALS, (*CLAIMS, *RL_CLAIMS))  # make demo-rl
+DEMO = Plan(STAGES, RL_STAGE_EVALS, CLAIMS)  # make demo
+DEMO_RL = DEMO  # make demo-rl's plan, before GRPO joined make demo
 
 
 def eval_argv(runs: str, demo_dir: str, name: str = EVAL) -> List[str]:
@@ -227,8 +225,7 @@ def first_stage(start: Optional[str], runs: str, skip: int = 0, plan: Plan = DEM
     name = Path(start).name
     names = [s.name for s in plan.stages] + list(plan.eval_names)
     if name not in names:
-        more = " (GRPO's runs are in the pipeline with --rl: make demo-rl)" if plan is DEMO else ""
-        raise ConfigError(f"--from: unknown run '{start}'; valid: {', '.join(names)}{more}")
+        raise ConfigError(f"--from: unknown run '{start}'; valid: {', '.join(names)}")
     index = names.index(name)
     for stage in plan.stages[skip : min(index, len(plan.stages))]:
         ckpt = Path(runs) / stage.name / "checkpoints" / "last.ckpt"
@@ -288,7 +285,7 @@ def report_claims(claims: Sequence[Claim], rows: list) -> None:
 
 
 def pipeline(runs: str, start: int, overrides: Sequence[str], demo_dir: str, plan: Plan = DEMO) -> int:
-    """``make demo`` (``make demo-rl``: ``plan`` DEMO_RL): the stages of ``plan`` from ``start``
+    """``make demo``: the stages of ``plan`` from ``start``
     on, the evaluations, the table, the claims and ``<runs>/report.md``; 0 when every claim is
     met, 1 when one is missed."""
     from lit_bluelm.summary import check_better, print_table
@@ -382,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--seeds", type=int, metavar="N", help="rerun the stages after the text stage with N seeds"
     )
     parser.add_argument(
-        "--rl", action="store_true", help="add GRPO, its evaluations and its claims (make demo-rl)"
+        "--rl", action="store_true", help="no effect: GRPO is in the pipeline (kept for make demo-rl)"
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="added to every stage")
     args = parser.parse_args(argv)
@@ -390,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo_dir = next(
         (a.split("=", 1)[1] for a in args.overrides if a.startswith("data.demo_dir=")), "data/demo"
     )
-    plan = DEMO_RL if args.rl else DEMO
+    plan = DEMO
     try:
         if args.seeds is not None:
             if args.seeds < 1:

@@ -71,7 +71,7 @@ def test_every_claim_on_a_run_that_meets_them():
     ev = Evidence(SUMMARIES, rows(), passkey(), rl_evals())
     found = by_name(judge(ev))
     assert len(found) == len(claims.CLAIMS) and all(c.met for c in found.values())
-    found |= by_name(fn(ev) for fn, _ in claims.RL_CLAIMS)  # judged once make demo runs RL
+    assert [c.name for c in judge(ev, claims.RL_CLAIMS)] == list(found)[-len(claims.RL_CLAIMS) :]
     assert found["passkey at 4x context: after - before"].value == pytest.approx(0.3)
     assert found["passkey at 1x context: after - before"].value == pytest.approx(0.0)
     assert found["long_context: reasoning val/loss by source, after / before"].value == pytest.approx(1.025)
@@ -95,7 +95,7 @@ def test_every_claim_on_a_run_that_meets_them():
 
 def test_each_claim_is_missed_on_its_own_failure():
     def missed(ev):
-        found = judge(ev) + [c for fn, _ in claims.RL_CLAIMS if (c := fn(ev)) is not None]
+        found = judge(ev)
         return {c.name for c in found if not c.met}
 
     assert missed(Evidence(rows=rows(arith=(0.0, 0.01, 0.2, 0.44)))) == {"demo_arith: think@128 - no_think"}

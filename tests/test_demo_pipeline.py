@@ -7,7 +7,7 @@ import pytest
 
 from datamodules.demo import DemoSpec, write_demo
 from lit_bluelm import demo
-from lit_bluelm.claims import CLAIMS, RL_CLAIMS
+from lit_bluelm.claims import CLAIMS
 from lit_bluelm.errors import ConfigError
 
 # the stage yamls read 8 train and 4 val shards of each source
@@ -41,6 +41,7 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     claims = {c["name"]: c for c in report["claims"]}
     assert claims["text: distilled val/loss < scratch's"]["met"] == (distilled < scratch)
     assert len(claims) == len(CLAIMS)  # the whole pipeline holds evidence for every claim
+    assert any(name.startswith("rl: ") for name in claims)  # GRPO's among them
     assert rc == (0 if all(c["met"] for c in claims.values()) else 1)
     assert set(report["seconds"]) == {s.name for s in demo.STAGES} | set(demo.DEMO.eval_names)
     for name in demo.PASSKEY:
@@ -108,10 +109,8 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
     out = capsys.readouterr().out
     assert "stage=reward" in out and "stage=sft" not in out and "claims over seeds" in out
 
-    # make demo-rl after make demo: GRPO from the SFT checkpoint with the reward run, its
-    # evaluations and its claims (make demo alone knows no run named rl)
-    assert demo.main(["--runs", str(runs), "--from", "rl", *args[2:]]) == 2
-    assert "unknown run 'rl'" in capsys.readouterr().err
+    # GRPO alone again (from the SFT checkpoint with the reward run), its evaluations and the
+    # claims; --rl (make demo-rl, from before GRPO joined the pipeline) is still accepted
     rc = demo.main(["--runs", str(runs), "--rl", "--from", "rl", *args[2:]])
     rl_config = (runs / "rl" / "config.yaml").read_text()
     assert (
@@ -123,13 +122,12 @@ def test_the_pipeline_chains_every_stage_and_reruns_from_a_late_one(tmp_path, ca
         ("demo_arith", "think", 128, 16)
     ]
     report = json.loads((runs / "report.json").read_text())
-    names = [c["name"] for c in report["claims"]]
-    assert len(names) == len(CLAIMS) + len(RL_CLAIMS) and set(report["evals"]) == set(demo.RL_STAGE_EVALS)
-    assert any(name.startswith("rl: ") for name in names)
+    assert len(report["claims"]) == len(CLAIMS) and set(report["evals"]) == set(demo.RL_STAGE_EVALS)
     assert rc == (0 if all(c["met"] for c in report["claims"]) else 1)
     assert {"rl", *demo.RL_STAGE_EVALS} <= set(report["seconds"])
     out = capsys.readouterr().out
     assert "rl: each route's reward" in out and f"{runs}/rl " in out and "val_reward " in out
+    assert "stage=sft" not in out
 
 
 def test_from_names_a_stage_whose_predecessors_have_finished(tmp_path, capsys):
