@@ -12,6 +12,7 @@ Writes, for each split ``{train,val}``:
   scene counted one by one);
 * ``sft_think-NNNNNN.tar`` / ``sft_nothink-NNNNNN.tar``: chat conversations of the demo tasks
   (:mod:`datamodules.demo_tasks`) in the thinking and the non-thinking mode, images as ``0.png``;
+  :data:`SLIP_RATE` of the thinking-mode sums are worked with one slip (:func:`with_slip`);
 * ``passkey-NNNNNN.tar``: short needle-in-a-haystack documents (:mod:`lit_bluelm.needle`, up to
   about 400 tokens: within the tiny model's original context), for the reasoning stage;
 * ``long-NNNNNN.tar``: long documents (about 500 to 2,000 tokens) of filler and facts with a
