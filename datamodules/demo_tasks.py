@@ -187,11 +187,6 @@ def sum_steps(numbers: List[int], slip: Optional[Tuple[int, int]] = None) -> Tup
     return " ".join(steps), total
 
 
-def sum_results(numbers: List[int]) -> int:
-    """How many results the thinking of a sum writes (the places a slip can be)."""
-    return sum(2 if x >= 10 and x % 10 else 1 for x in numbers[1:])
-
-
 def arith_item(rng: random.Random) -> Item:
     numbers = [
         rng.randint(1, 9) if rng.random() < 0.5 else rng.randint(10, 99) for _ in range(rng.randint(3, 5))
@@ -209,8 +204,9 @@ def slipped(item: Item, rng: random.Random) -> Item:
     :data:`SLIPS`, never below 1), the answer the chain's: a wrong worked solution, as an
     unfiltered teacher writes some."""
     numbers = [int(x) for x in item.key.removeprefix("sum:").split("+")]
+    results = item.thinking.count(" = ")  # the places a slip can be
     while True:
-        k, by = rng.randrange(sum_results(numbers)), rng.choice(SLIPS)
+        k, by = rng.randrange(results), rng.choice(SLIPS)
         thinking, total = sum_steps(numbers, (k, by))
         if all(int(n) > 0 for n in re.findall(r"-?\d+", thinking)):
             return Item(item.task, item.prompt, thinking, str(total), item.key)
